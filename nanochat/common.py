@@ -1,0 +1,94 @@
+"""
+Shared plumbing: base directory, device detection, torch.distributed init, rank-0 logging.
+"""
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+logger = logging.getLogger("nanochat")
+
+
+def get_base_dir():
+    """Where every artifact of a run lives: $NANOCHAT_BASE_DIR, default ~/.cache/nanochat."""
+    base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base_dir, exist_ok=True)
+    return base_dir
+
+
+def get_dist_info():
+    """(is_distributed, rank, local_rank, world_size), read from torchrun's environment."""
+    if all(key in os.environ for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def print0(*args, **kwargs):
+    if get_dist_info()[1] == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def compute_init(device_type=None):
+    """
+    Pick the device, seed, and join the process group when launched by torchrun
+    (NCCL on CUDA, gloo elsewhere). Returns (is_distributed, rank, local_rank, world_size, device).
+    """
+    device_type = device_type or autodetect_device_type()
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"--device-type must be one of cuda, mps, cpu (got {device_type!r})")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device-type cuda was requested but torch sees no CUDA device; use --device-type cpu")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("--device-type mps was requested but MPS is not available; use --device-type cpu")
+    torch.manual_seed(42)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(42)
+        torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left outside autocast
+    is_distributed, rank, local_rank, world_size = get_dist_info()
+    if is_distributed and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+        dist.barrier()
+    elif is_distributed:
+        device = torch.device(device_type)
+        dist.init_process_group(backend="gloo")
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+    if rank == 0:
+        logger.info(f"device={device} world_size={world_size}")
+    return is_distributed, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class DummyWandb:
+    """Stands in for a wandb run when no run name is given (--run dummy), so callers never branch."""
+
+    def log(self, *args, **kwargs):
+        pass
+
+    def finish(self):
+        pass
+
+
+def get_wandb(run_name, project="nanochat", config=None, master_process=True):
+    if run_name == "dummy" or not master_process:
+        return DummyWandb()
+    import wandb
+
+    return wandb.init(project=project, name=run_name, config=config)
