@@ -1,0 +1,252 @@
+"""
+The GPT model: a small modern decoder-only Transformer.
+
+- rotary position embeddings (no learned positions), QK-norm
+- parameter-free RMSNorm before every block and on the embedding/output
+- ReLU^2 MLP (4x), no biases anywhere
+- untied token embedding and output head, logits soft-capped at 15
+- output projections (and the head) start at zero, so every block starts as the identity
+- grouped-query attention through n_kv_head (n_kv_head == n_head is plain multi-head attention)
+
+One dial sets the size: see model_config_from_depth().
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.common import get_dist_info
+
+HEAD_DIM = 128  # every model uses 128-wide heads; width is rounded up to a multiple of it
+LOGIT_SOFTCAP = 15.0
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 65536
+    n_layer: int = 20
+    n_head: int = 10  # number of query heads
+    n_kv_head: int = 10  # number of key/value heads (GQA when smaller than n_head)
+    n_embd: int = 1280
+
+
+def model_config_from_depth(depth, vocab_size, sequence_len, n_kv_head=None):
+    """
+    The single size dial: width = depth * 64, rounded UP to a multiple of the 128 head dim,
+    heads = width / 128. Tiny CPU depths therefore get at least one full 128-wide head
+    (depth 1-2 -> width 128, depth 3-4 -> 256), which keeps head_dim the same at every scale.
+    """
+    if depth < 1:
+        raise ValueError(f"--depth must be at least 1 (got {depth})")
+    n_embd = math.ceil(depth * 64 / HEAD_DIM) * HEAD_DIM
+    n_head = n_embd // HEAD_DIM
+    n_kv_head = n_head if n_kv_head is None else n_kv_head
+    if n_kv_head < 1 or n_head % n_kv_head != 0:
+        raise ValueError(f"n_kv_head={n_kv_head} must divide the number of heads ({n_head} at depth {depth})")
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
+                     n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd)
+
+
+def norm(x):
+    # parameter-free RMSNorm: nothing to learn, nothing to decay
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary_emb(x, cos, sin):
+    # x: [B, T, H, D]; cos/sin: [1, T, 1, D/2]. Rotate the two halves of each head as complex pairs.
+    d = x.size(3) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=3)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache):
+        B, T, C = x.size()
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        if kv_cache is not None:
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
+        t_query, t_key = q.size(2), k.size(2)
+        gqa = self.n_head != self.n_kv_head
+        if t_query == t_key:
+            # training, or a prefill into an empty cache: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif t_query == 1:
+            # single-token decode: the new query may look at everything cached
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa)
+        else:
+            # a chunk after a cached prefix: all of the prefix, then causal within the chunk
+            prefix = t_key - t_query
+            mask = torch.ones(t_query, t_key, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache):
+        x = x + self.attn(norm(x), cos, sin, kv_cache)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        })
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # rotary tables cover 10x the training length so the engine can generate past it;
+        # non-persistent: they are recomputed, never stored in checkpoints
+        self.rotary_seq_len = config.sequence_len * 10
+        cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, config.n_embd // config.n_head)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def init_weights(self):
+        """Initialise every weight (call after building, or after to_empty() from the meta device)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                # fan-in aware, shrunk for wide-output matrices (https://arxiv.org/abs/2310.17813)
+                fan_out, fan_in = module.weight.shape
+                std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=1.0)
+        # zero output projections: each residual branch starts as a no-op, the head starts uniform
+        nn.init.zeros_(self.lm_head.weight)
+        for block in self.transformer.h:
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, self.config.n_embd // self.config.n_head,
+                                                      device=self.transformer.wte.weight.device)
+        self.cos, self.sin = cos, sin
+
+    def _precompute_rotary_embeddings(self, seq_len, head_dim, base=10000, device=None):
+        channel_range = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / (base ** (channel_range / head_dim))
+        t = torch.arange(seq_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # [1, T, 1, D/2]
+
+    def get_device(self):
+        return self.transformer.wte.weight.device
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self):
+        """FLOPs per token for forward+backward: 6 per non-embedding weight, plus attention's QK^T and AV."""
+        nparams_embedding = self.transformer.wte.weight.numel()
+        cfg = self.config
+        head_dim = cfg.n_embd // cfg.n_head
+        attention = 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
+        return 6 * (self.num_params() - nparams_embedding) + attention
+
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
+        """
+        Muon for the 2-D matrices inside the blocks, AdamW for the embedding and the head.
+        AdamW learning rates are tuned at width 768 and scaled by (width/768)^-0.5.
+        Returns [adamw, muon]; both carry "initial_lr" in each param group for the lr schedule.
+        """
+        from nanochat.optim import make_adamw, make_muon
+        matrix_params = list(self.transformer.h.parameters())
+        embedding_params = list(self.transformer.wte.parameters())
+        head_params = list(self.lm_head.parameters())
+        assert len(matrix_params) + len(embedding_params) + len(head_params) == len(list(self.parameters()))
+        width_scale = (self.config.n_embd / 768) ** -0.5
+        adam_groups = [
+            dict(params=head_params, lr=unembedding_lr * width_scale),
+            dict(params=embedding_params, lr=embedding_lr * width_scale),
+        ]
+        is_distributed = get_dist_info()[0]
+        adamw = make_adamw(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay,
+                           distributed=is_distributed)
+        muon = make_muon(matrix_params, lr=matrix_lr, momentum=0.95, distributed=is_distributed)
+        optimizers = [adamw, muon]
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["initial_lr"] = group["lr"]
+        return optimizers
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        """
+        idx: [B, T] token ids. With targets ([B, T], -1 = ignore) returns the loss
+        (a scalar for "mean"/"sum", [B, T] for "none"); without, returns fp32 logits [B, T, V].
+        """
+        B, T = idx.size()
+        pos = 0 if kv_cache is None else kv_cache.get_pos()
+        if pos + T > self.cos.size(1):
+            raise ValueError(f"sequence of {pos + T} tokens exceeds the rotary table ({self.cos.size(1)})")
+        cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
+        x = norm(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            x = block(x, cos, sin, kv_cache)
+        x = norm(x)
+        logits = self.lm_head(x).float()
+        # soft-cap keeps logits in [-15, 15]: stabilises training at no quality cost
+        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+        if loss_reduction == "none":
+            loss = loss.view(B, T)
+        return loss
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        """Naive sampling (re-runs the whole sequence each step, no cache): the reference the engine is tested against."""
+        assert isinstance(tokens, list)
+        device = self.get_device()
+        rng = torch.Generator(device=device)
+        rng.manual_seed(seed)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self.forward(ids)[:, -1, :]
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            if temperature > 0:
+                probs = F.softmax(logits / temperature, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=rng)
+            else:
+                next_id = torch.argmax(logits, dim=-1, keepdim=True)
+            ids = torch.cat((ids, next_id), dim=1)
+            yield next_id.item()
