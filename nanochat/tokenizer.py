@@ -1,0 +1,245 @@
+"""
+The tokenizer: trained by our Rust BPE trainer (rustbpe), run by tiktoken (fast, multithreaded encoding).
+
+Vocabulary layout: 256 byte tokens, then the merges, then the special tokens below. The chat format
+(DESIGN.md) is rendered here, together with the loss mask that says which tokens the assistant must learn.
+"""
+import os
+import pickle
+
+import rustbpe
+import tiktoken
+import torch
+
+from nanochat.common import get_base_dir
+
+SPECIAL_TOKENS = [
+    "<|bos|>",  # starts every document and every conversation
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",  # the assistant calls the python tool
+    "<|python_end|>",
+    "<|output_start|>",  # the tool's output, forced in by the engine (never trained on)
+    "<|output_end|>",
+]
+
+# GPT-4's split pattern with digits grouped 1-2 (not 1-3): fewer number merges at our small vocab sizes
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+
+ASSISTANT_PART_TYPES = ("text", "python", "python_output")
+
+
+class RustBPETokenizer:
+    """A tiktoken Encoding built from rustbpe's merges, plus the chat rendering."""
+
+    def __init__(self, encoding, bos_token="<|bos|>"):
+        self.enc = encoding
+        self.bos_token_id = self.encode_special(bos_token)
+
+    @classmethod
+    def train_from_iterator(cls, text_iterator, vocab_size, buffer_size=8192):
+        """Train BPE on an iterator of str; vocab_size counts the special tokens too."""
+        bpe_vocab_size = vocab_size - len(SPECIAL_TOKENS)
+        if bpe_vocab_size < 256:
+            raise ValueError(
+                f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {vocab_size}"
+            )
+        trainer = rustbpe.Tokenizer()
+        trainer.train_from_iterator(text_iterator, bpe_vocab_size, buffer_size=buffer_size, pattern=SPLIT_PATTERN)
+        mergeable_ranks = {token_bytes: rank for token_bytes, rank in trainer.get_mergeable_ranks()}
+        return cls(cls._build_encoding(trainer.get_pattern(), mergeable_ranks))
+
+    @staticmethod
+    def _build_encoding(pattern, mergeable_ranks):
+        # special tokens come right after however many BPE tokens training produced
+        offset = len(mergeable_ranks)
+        special_tokens = {name: offset + i for i, name in enumerate(SPECIAL_TOKENS)}
+        return tiktoken.Encoding(name="nanochat", pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir):
+        path = os.path.join(tokenizer_dir, "tokenizer.pkl")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no tokenizer at {path}: train one first with `python -m scripts.tok_train`")
+        with open(path, "rb") as f:
+            saved = pickle.load(f)
+        return cls(cls._build_encoding(saved["pattern"], saved["mergeable_ranks"]))
+
+    @classmethod
+    def from_pretrained(cls, tiktoken_name):
+        """An existing tiktoken encoding (e.g. "gpt2", "cl100k_base"), for comparisons; needs the network once."""
+        encoding = tiktoken.get_encoding(tiktoken_name)
+        return cls(encoding, bos_token="<|endoftext|>")
+
+    def save(self, tokenizer_dir):
+        """Write tokenizer.pkl and token_bytes.pt atomically."""
+        os.makedirs(tokenizer_dir, exist_ok=True)
+        saved = {"pattern": self.enc._pat_str, "mergeable_ranks": self.enc._mergeable_ranks}
+        _atomic_write(os.path.join(tokenizer_dir, "tokenizer.pkl"), lambda f: pickle.dump(saved, f))
+        token_bytes = self.compute_token_bytes()
+        _atomic_write(os.path.join(tokenizer_dir, "token_bytes.pt"), lambda f: torch.save(token_bytes, f))
+
+    def compute_token_bytes(self):
+        """Byte length of every token id (0 for special tokens), from the raw bytes, never a str round trip."""
+        lengths = [0] * self.get_vocab_size()
+        for token_bytes, rank in self.enc._mergeable_ranks.items():
+            lengths[rank] = len(token_bytes)
+        return torch.tensor(lengths, dtype=torch.int32)
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_special_tokens(self):
+        return self.enc.special_tokens_set
+
+    def id_to_token(self, token_id):
+        return self.enc.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def encode_special(self, text):
+        return self.enc.encode_single_token(text)
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def _as_id(self, token):
+        return token if isinstance(token, int) else self.encode_special(token)
+
+    def encode(self, text, prepend=None, append=None, num_threads=8):
+        """Encode a str (-> list of ids) or a list of str (-> list of lists, on num_threads threads)."""
+        prefix = [self._as_id(prepend)] if prepend is not None else []
+        suffix = [self._as_id(append)] if append is not None else []
+        if isinstance(text, str):
+            return prefix + self.enc.encode_ordinary(text) + suffix
+        if isinstance(text, list):
+            batch = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
+            return [prefix + ids + suffix for ids in batch]
+        raise TypeError(f"encode expects a str or a list of str, got {type(text).__name__}")
+
+    __call__ = encode
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+    def render_conversation(self, conversation, max_tokens=2048):
+        """
+        Tokenize a conversation for supervised training: returns (ids, mask), mask 1 on the tokens the
+        assistant must learn to produce (its text, its tool calls, <|assistant_end|>), 0 elsewhere,
+        including the tool output the engine forces in at inference. Truncated to max_tokens.
+        """
+        messages = normalize_conversation(conversation)
+        special = {name: self.encode_special(name) for name in SPECIAL_TOKENS}
+        ids, mask = [], []
+
+        def add(token_ids, mask_value):
+            if isinstance(token_ids, int):
+                token_ids = [token_ids]
+            ids.extend(token_ids)
+            mask.extend([mask_value] * len(token_ids))
+
+        add(self.get_bos_token_id(), 0)
+        for message in messages:
+            if message["role"] == "user":
+                add(special["<|user_start|>"], 0)
+                add(self.encode(message["content"]), 0)
+                add(special["<|user_end|>"], 0)
+                continue
+            add(special["<|assistant_start|>"], 0)
+            content = message["content"]
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            for part in parts:
+                part_ids = self.encode(part["text"])
+                if part["type"] == "text":
+                    add(part_ids, 1)
+                elif part["type"] == "python":
+                    add(special["<|python_start|>"], 1)
+                    add(part_ids, 1)
+                    add(special["<|python_end|>"], 1)
+                else:  # python_output
+                    add(special["<|output_start|>"], 0)
+                    add(part_ids, 0)
+                    add(special["<|output_end|>"], 0)
+            add(special["<|assistant_end|>"], 1)
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def render_for_completion(self, conversation):
+        """Prompt the assistant's next reply: drop a trailing assistant message, end with <|assistant_start|>."""
+        messages = normalize_conversation(conversation, allow_ending_with_user=True)
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages:
+            raise ValueError("conversation needs at least one user message to complete")
+        ids, _ = self.render_conversation(messages, max_tokens=10**9)
+        ids.append(self.encode_special("<|assistant_start|>"))
+        return ids
+
+    def visualize_tokenization(self, ids, mask):
+        """Debug view: masked-in tokens in green, masked-out in red."""
+        green, red, reset = "\033[92m", "\033[91m", "\033[0m"
+        return "|".join(f"{green if m else red}{self.decode([i])}{reset}" for i, m in zip(ids, mask))
+
+
+def normalize_conversation(conversation, allow_ending_with_user=True):
+    """
+    Validate a conversation and fold a leading system message into the first user message.
+    Raises ValueError naming the problem: roles must alternate user, assistant, user, ...
+    """
+    if isinstance(conversation, dict):
+        conversation = conversation.get("messages")
+    if not isinstance(conversation, list) or not conversation:
+        raise ValueError("conversation must be a non-empty list of {'role', 'content'} messages")
+    messages = []
+    for index, message in enumerate(conversation):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"message {index} must be a dict with 'role' and 'content'")
+        role, content = message["role"], message["content"]
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"message {index} has unknown role {role!r}; expected system, user or assistant")
+        if role == "system" and index != 0:
+            raise ValueError(f"message {index}: a system message may only come first")
+        if role == "assistant" and isinstance(content, list):
+            for part_index, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") not in ASSISTANT_PART_TYPES or not isinstance(part.get("text"), str):
+                    raise ValueError(
+                        f"message {index} part {part_index}: each part must be {{'type': one of {ASSISTANT_PART_TYPES}, 'text': str}}"
+                    )
+        elif not isinstance(content, str):
+            raise ValueError(f"message {index} ({role}) content must be a str")
+        messages.append({"role": role, "content": content})
+    if messages[0]["role"] == "system":
+        if len(messages) < 2 or messages[1]["role"] != "user":
+            raise ValueError("a system message must be followed by a user message")
+        system = messages.pop(0)
+        messages[0] = {"role": "user", "content": system["content"] + "\n\n" + messages[0]["content"]}
+    for index, message in enumerate(messages):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise ValueError(f"message {index} should be from the {expected} (user and assistant alternate, user first), got {message['role']!r}")
+    if not allow_ending_with_user and messages[-1]["role"] != "assistant":
+        raise ValueError("conversation must end with an assistant message")
+    return messages
+
+
+def _atomic_write(path, write):
+    tmp_path = f"{path}.tmp.{os.getpid()}"
+    with open(tmp_path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+
+
+def get_tokenizer_dir():
+    return os.path.join(get_base_dir(), "tokenizer")
+
+
+def get_tokenizer():
+    return RustBPETokenizer.from_directory(get_tokenizer_dir())
+
+
+def get_token_bytes(device="cpu"):
+    path = os.path.join(get_tokenizer_dir(), "token_bytes.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no {path}: train the tokenizer first with `python -m scripts.tok_train`")
+    return torch.load(path, map_location=device)

@@ -1,0 +1,44 @@
+import glob
+import os
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sample_texts(max_chars=300_000):
+    """Real English text for tests: the embedded sample corpus (falls back to the repo's own docs and code)."""
+    sample = os.path.join(REPO_ROOT, "nanochat", "sample_data", "train.parquet")
+    texts, total = [], 0
+    if os.path.exists(sample):
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(sample)
+        for group in range(parquet.num_row_groups):
+            for text in parquet.read_row_group(group, columns=["text"]).column("text").to_pylist():
+                texts.append(text)
+                total += len(text)
+                if total >= max_chars:
+                    return texts
+    for path in sorted(glob.glob(os.path.join(REPO_ROOT, "**", "*.py"), recursive=True)):
+        if total >= max_chars:
+            break
+        with open(path, encoding="utf-8") as f:
+            texts.append(f.read())
+        total += len(texts[-1])
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A real tokenizer (rustbpe-trained, tiktoken-run) with a 512-token vocabulary."""
+    from nanochat.tokenizer import RustBPETokenizer
+
+    return RustBPETokenizer.train_from_iterator(iter(sample_texts()), vocab_size=512)
+
+
+@pytest.fixture
+def base_dir(tmp_path, monkeypatch):
+    """A fresh NANOCHAT_BASE_DIR for one test."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    return tmp_path
