@@ -191,8 +191,9 @@ fn count_chunks(regex: &Regex, texts: &[String]) -> Result<AHashMap<CompactStrin
             }
             Ok(local)
         })
-        .try_reduce(AHashMap::new, |mut a, b| {
-            let (mut big, small) = if a.len() >= b.len() { (a, b) } else { a = b; (a, AHashMap::new()) };
+        .try_reduce(AHashMap::new, |a, b| {
+            // fold the smaller map into the larger one
+            let (mut big, small) = if a.len() >= b.len() { (a, b) } else { (b, a) };
             for (k, v) in small {
                 *big.entry(k).or_default() += v;
             }
@@ -409,6 +410,15 @@ mod tests {
             applied.retain(|_, c| *c != 0);
             assert_eq!(applied, after, "bookkeeping wrong for {text:?}");
         }
+    }
+
+    #[test]
+    fn chunk_counts_survive_the_parallel_reduce() {
+        let regex = Regex::new(GPT4_PATTERN).unwrap();
+        let texts: Vec<String> = (0..200).map(|i| format!("word{} common words here", i % 7)).collect();
+        let counts = count_chunks(&regex, &texts).unwrap();
+        assert_eq!(counts.get(" common"), Some(&200));
+        assert_eq!(counts.values().sum::<i64>(), 200 * 5);
     }
 
     #[test]
