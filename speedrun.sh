@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The whole nanochat run, top to bottom. Every stage is one command you can copy and run by hand.
+#
+#   bash speedrun.sh                      # 8xH100: ~4 hours, ~$100 (GPU profile, depth 20)
+#   WANDB_RUN=speedrun bash speedrun.sh   # same, logging to Weights & Biases
+#
+# On a machine without a GPU it runs the CPU profile instead: a tiny model trained on the embedded
+# sample corpus (offline, ~20 minutes on 2 cores), so the whole pipeline can be tried on a laptop.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+export UV_PYTHON_DOWNLOADS=never  # use the machine's python3
+WANDB_RUN="${WANDB_RUN:-dummy}"   # "dummy" switches wandb off
+mkdir -p "$NANOCHAT_BASE_DIR"
+
+# ---------------------------------------------------------------- setup
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "Rust is needed to build the tokenizer trainer; installing it with rustup..."
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y \
+        || { echo "Could not install Rust: install it from https://rustup.rs and rerun."; exit 1; }
+    source "$HOME/.cargo/env"
+fi
+command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
+uv sync --python python3
+source .venv/bin/activate
+
+if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    PROFILE=gpu
+    NUM_GPUS="${NUM_GPUS:-$(python -c 'import torch; print(torch.cuda.device_count())')}"
+else
+    PROFILE=cpu
+fi
+echo "nanochat speedrun: $PROFILE profile, artifacts in $NANOCHAT_BASE_DIR"
+python -m nanochat.report reset
+
+# ---------------------------------------------------------------- tokenizer
+if [ "$PROFILE" = gpu ]; then
+    # ~2B characters of FineWeb-Edu for the tokenizer, then the rest of the shards in the background
+    python -m nanochat.dataset -n 8
+    python -m nanochat.dataset -n 240 &
+    DATASET_DOWNLOAD_PID=$!
+    python -m scripts.tok_train --max-chars 2000000000 --vocab-size 32768
+else
+    # no shards downloaded: everything reads the embedded sample corpus (nanochat/sample_data)
+    python -m scripts.tok_train --vocab-size 8192
+fi
+python -m scripts.tok_eval
+
+# ---------------------------------------------------------------- base model (pretraining)
+if [ "$PROFILE" = gpu ]; then
+    wait "$DATASET_DOWNLOAD_PID"
+    torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.base_train -- --depth 20 --run "$WANDB_RUN"
+    torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.base_loss
+    torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.base_eval
+else
+    python -m scripts.base_train --depth 4 --max-seq-len 512 --device-batch-size 8 --total-batch-size 8192 \
+        --num-iterations 600 --eval-every 200 --eval-tokens 131072 --sample-every 300 --save-every 300 --run "$WANDB_RUN"
+    python -m scripts.base_loss --device-batch-size 8 --split-tokens 131072
+    # CORE needs the eval bundle from the internet: on an offline CPU box base_eval says so and is skipped
+    python -m scripts.base_eval --max-per-task 50 || echo "base_eval skipped (see the message above)"
+fi
+
+# ---------------------------------------------------------------- report card
+python -m nanochat.report generate
+
+cat <<'MSG'
+
+Done. The report card is in ./report.md.
+Talk to your model:
+  source .venv/bin/activate
+  python -m scripts.chat_cli -i base                  # in the terminal
+  python -m scripts.chat_web -i base                  # ChatGPT-like page on http://localhost:8000
+MSG
