@@ -62,7 +62,7 @@ def download_eval_bundle(url=EVAL_BUNDLE_URL, base_dir=None, retries=DOWNLOAD_RE
                         f"could not download the CORE eval bundle from {url} after {retries} attempts: {error}\n"
                         f"Download it elsewhere and put it at {zip_path}, or unzip it into {bundle_dir}."
                     ) from error
-                wait = 2 ** attempt
+                wait = 2 ** (attempt - 1)
                 logger.warning(f"download failed ({error}); retrying in {wait} s")
                 time.sleep(wait)
     unzip_dir = tempfile.mkdtemp(prefix="eval_bundle_unzip_", dir=base_dir)
