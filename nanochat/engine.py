@@ -1,0 +1,292 @@
+"""
+Fast inference: a preallocated KV cache, batched sampling, and tool use.
+
+The engine prefills the prompt once (batch 1), copies that cache into `num_samples` rows, then
+decodes one token per step for all rows together. When a row writes
+<|python_start|> code <|python_end|>, the engine runs the code in the sandbox (nanochat/execution.py)
+and forces <|output_start|> result <|output_end|> into that row; forced tokens have mask 0.
+
+Everything the model sees per step is one token per row, so the work per token is one small
+forward pass; the Python around it is kept to a handful of operations per step.
+"""
+import ast
+import codecs
+import contextlib
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.execution import execute_code
+
+CACHE_CHUNK = 1024  # the cache grows in steps of this many positions (rarely: the first size is prompt + max_tokens)
+MAX_TOOL_OUTPUT_CHARS = 200  # what a tool call can force into the context; a runaway print must not flood it
+
+
+class KVCache:
+    """
+    Keys and values for every layer in one preallocated tensor [n_layer, 2, B, n_kv_head, capacity, head_dim].
+    Allocated on the first insert, in the dtype and device of the keys (= the compute dtype under autocast).
+    The forward pass calls insert_kv once per layer; the position advances after the last layer.
+    """
+
+    def __init__(self, batch_size, num_heads, head_dim, num_layers, seq_len):
+        self.batch_size = batch_size
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_layers = num_layers
+        self.capacity = seq_len
+        self.cache = None
+        self.pos = 0
+
+    def reset(self):
+        self.pos = 0
+
+    def get_pos(self):
+        return self.pos
+
+    def _allocate(self, capacity, like):
+        shape = (self.num_layers, 2, self.batch_size, self.num_heads, capacity, self.head_dim)
+        new_cache = torch.empty(shape, dtype=like.dtype, device=like.device)
+        if self.cache is not None and self.pos > 0:
+            new_cache[:, :, :, :, :self.pos] = self.cache[:, :, :, :, :self.pos]
+        self.cache = new_cache
+        self.capacity = capacity
+
+    def insert_kv(self, layer_idx, k, v):
+        # k, v: [B, H, T_new, D]; returns views of all cached keys/values [B, H, pos + T_new, D]
+        t_new = k.size(2)
+        end = self.pos + t_new
+        if self.cache is None or end > self.capacity:
+            self._allocate(max(self.capacity, (end + CACHE_CHUNK - 1) // CACHE_CHUNK * CACHE_CHUNK), k)
+        layer_cache = self.cache[layer_idx]
+        layer_cache[0, :, :, self.pos:end] = k
+        layer_cache[1, :, :, self.pos:end] = v
+        keys, values = layer_cache[0, :, :, :end], layer_cache[1, :, :, :end]
+        if layer_idx == self.num_layers - 1:
+            self.pos = end
+        return keys, values
+
+    def prefill(self, other):
+        """Copy another cache (usually batch 1, after the prompt) into every row of this one."""
+        assert other.cache is not None, "prefill from an empty cache"
+        assert self.num_layers == other.num_layers and self.num_heads == other.num_heads
+        assert other.batch_size in (1, self.batch_size)
+        needed = max(self.capacity, other.pos)
+        if self.cache is None or self.capacity < needed or self.cache.dtype != other.cache.dtype:
+            self.cache = None
+            self.pos = 0
+            self._allocate(needed, other.cache)
+        self.cache[:, :, :, :, :other.pos] = other.cache[:, :, :, :, :other.pos]  # broadcasts batch 1 to B
+        self.pos = other.pos
+
+
+def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
+    """logits [B, V] -> token ids [B, 1]. temperature 0 is greedy; top_k None/0 and top_p None/1 mean no filtering."""
+    if temperature == 0.0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    vocab_size = logits.size(-1)
+    if top_k is not None and 0 < top_k < vocab_size:
+        values, indices = torch.topk(logits, top_k, dim=-1)
+    else:
+        values, indices = logits, None
+    probs = F.softmax(values / temperature, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        choice = torch.multinomial(sorted_probs, num_samples=1, generator=rng)
+        choice = order.gather(-1, choice)
+    else:
+        choice = torch.multinomial(probs, num_samples=1, generator=rng)
+    return choice if indices is None else indices.gather(-1, choice)
+
+
+def run_tool_call(code, timeout=2.0):
+    """
+    Run one tool call in the sandbox and return the text to force into the context.
+    An expression (e.g. `12*7` or `"strawberry".count("r")`) gives its value; statements give what they print.
+    Errors and timeouts give a short "Error: ..." so the model sees something and the row never stalls.
+    """
+    code = code.strip()
+    try:
+        ast.parse(code, mode="eval")
+        program = f"print(eval(compile({code!r}, '<tool>', 'eval')))"
+    except SyntaxError:
+        program = code
+    result = execute_code(program, timeout=timeout, maximum_memory_bytes=256 * 1024 * 1024,
+                          max_output_bytes=4 * MAX_TOOL_OUTPUT_CHARS)
+    if result.success:
+        text = result.stdout.strip()
+    else:
+        text = f"Error: {result.error}"
+    return text[:MAX_TOOL_OUTPUT_CHARS]
+
+
+class RowState:
+    """Per-sample bookkeeping during decode: its tokens, tokens to force next, tool-call parsing."""
+
+    def __init__(self, tokens):
+        self.tokens = list(tokens)
+        self.forced_tokens = deque()
+        self.in_python_block = False
+        self.python_tokens = []
+        self.completed = False
+
+
+class Engine:
+
+    def __init__(self, model, tokenizer, tool_timeout=2.0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.tool_timeout = tool_timeout
+        special = tokenizer.encode_special
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.assistant_end, self.bos = special("<|assistant_end|>"), tokenizer.get_bos_token_id()
+
+    def _autocast(self, device):
+        # fp32 weights on a GPU: compute in bf16 (the cache then holds bf16 too, half the memory traffic)
+        if device.type == "cuda" and self.model.get_device().type == "cuda":
+            weight = next(self.model.parameters(), None)
+            if weight is not None and weight.dtype == torch.float32:
+                return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _new_cache(self, batch_size, seq_len):
+        config = self.model.config
+        return KVCache(batch_size=batch_size, num_heads=config.n_kv_head, head_dim=config.n_embd // config.n_head,
+                       num_layers=config.n_layer, seq_len=seq_len)
+
+    def _handle_token(self, state, token):
+        """Advance one row's state machine after it received `token`; queues tool output when a call closes."""
+        if token == self.assistant_end or token == self.bos:
+            state.completed = True
+        if token == self.python_start:
+            state.in_python_block = True
+            state.python_tokens = []
+        elif token == self.python_end and state.in_python_block:
+            state.in_python_block = False
+            if state.python_tokens:
+                output = run_tool_call(self.tokenizer.decode(state.python_tokens), timeout=self.tool_timeout)
+                state.forced_tokens.append(self.output_start)
+                state.forced_tokens.extend(self.tokenizer.encode(output))
+                state.forced_tokens.append(self.output_end)
+            state.python_tokens = []
+        elif state.in_python_block:
+            state.python_tokens.append(token)
+
+    @torch.inference_mode()
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42, top_p=None):
+        """
+        Stream samples for the prompt `tokens` (a list of ids). Yields (token_column, token_masks) each step:
+        one token per row, mask 1 if sampled and 0 if forced (tool output). Stops when every row has
+        finished (<|assistant_end|> or <|bos|>) or after max_tokens steps.
+        """
+        if not isinstance(tokens, list) or not tokens or not isinstance(tokens[0], int):
+            raise ValueError("tokens must be a non-empty list of token ids")
+        device = self.model.get_device()
+        rng = torch.Generator(device=device)
+        rng.manual_seed(seed)
+        top_k = top_k or None
+        rotary_limit = self.model.cos.size(1) if hasattr(self.model, "cos") else None
+        if max_tokens is None:
+            max_tokens = (rotary_limit or len(tokens) + 1024) - len(tokens)
+        if rotary_limit is not None:
+            max_tokens = min(max_tokens, rotary_limit - len(tokens))
+        if max_tokens <= 0:
+            return
+        autocast = self._autocast(device)
+
+        # 1) prefill the prompt once, at batch 1
+        prompt_cache = self._new_cache(1, len(tokens))
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        with autocast:
+            logits = self.model.forward(ids, kv_cache=prompt_cache)[:, -1, :]
+        logits = logits.expand(num_samples, -1)
+
+        # 2) one cache row per sample, sized for the whole generation so it never grows mid-stream
+        decode_cache = self._new_cache(num_samples, len(tokens) + max_tokens)
+        decode_cache.prefill(prompt_cache)
+        del prompt_cache
+
+        rows = [RowState(tokens) for _ in range(num_samples)]
+        for step in range(max_tokens):
+            next_ids = sample_next_token(logits, rng, temperature, top_k, top_p)  # [B, 1]
+            sampled = next_ids[:, 0].tolist()
+            token_column, token_masks = [], []
+            any_forced = False
+            for state, token in zip(rows, sampled):
+                if state.forced_tokens:
+                    token = state.forced_tokens.popleft()
+                    token_masks.append(0)
+                    any_forced = True
+                else:
+                    token_masks.append(1)
+                token_column.append(token)
+                state.tokens.append(token)
+                if not state.completed:
+                    self._handle_token(state, token)
+            yield token_column, token_masks
+            if all(state.completed for state in rows) or step == max_tokens - 1:
+                break
+            if any_forced:
+                next_ids = torch.tensor(token_column, dtype=torch.long, device=device).unsqueeze(1)
+            with autocast:
+                logits = self.model.forward(next_ids, kv_cache=decode_cache)[:, -1, :]
+
+    def generate_batch(self, tokens, num_samples=1, **kwargs):
+        """Run generate to the end. Returns (results, masks): per row, the prompt plus its tokens up to (not incl.) the end token."""
+        results = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        completed = [False] * num_samples
+        for token_column, token_masks in self.generate(tokens, num_samples, **kwargs):
+            for i, (token, mask) in enumerate(zip(token_column, token_masks)):
+                if completed[i]:
+                    continue
+                if token == self.assistant_end or token == self.bos:
+                    completed[i] = True
+                else:
+                    results[i].append(token)
+                    masks[i].append(mask)
+            if all(completed):
+                break
+        return results, masks
+
+
+class IncrementalDecoder:
+    """
+    Turns a stream of token ids into text pieces that never end in half a UTF-8 character
+    (a multi-byte character is often split across byte-level BPE tokens).
+    Special tokens become `special_text[id]` (default: nothing shown), so tool calls can be displayed.
+    """
+
+    def __init__(self, tokenizer, special_text=None):
+        self.tokenizer = tokenizer
+        self.special_text = special_text or {}
+        self.special_ids = {tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def _token_bytes(self, token):
+        encoding = getattr(self.tokenizer, "enc", None)
+        if encoding is not None:
+            return encoding.decode_single_token_bytes(token)
+        return self.tokenizer.decode([token]).encode("utf-8")
+
+    def feed(self, token):
+        """Returns the text that is complete after this token ("" while in the middle of a character)."""
+        if token in self.special_ids:
+            return self.flush() + self.special_text.get(token, "")
+        return self.utf8.decode(self._token_bytes(token))
+
+    def flush(self):
+        """Whatever bytes are pending, decoded with replacement characters (call at the end)."""
+        return self.utf8.decode(b"", final=True)
+
+
+def tool_call_display(tokenizer):
+    """How the chat front ends show a tool call: the code and its output as fenced code blocks."""
+    special = tokenizer.encode_special
+    return {special("<|python_start|>"): "\n```python\n", special("<|python_end|>"): "\n```\n",
+            special("<|output_start|>"): "```output\n", special("<|output_end|>"): "\n```\n"}

@@ -1,0 +1,174 @@
+"""Engine: KV-cache decode equals naive recompute, seeds, sampling, tool-use forcing, streaming UTF-8 decode."""
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+from nanochat.engine import Engine, IncrementalDecoder, KVCache, run_tool_call, sample_next_token
+from nanochat.gpt import GPT, GPTConfig
+
+torch.set_num_threads(1)
+
+
+def random_model(tokenizer, n_head=4, n_kv_head=4, n_layer=2, n_embd=64, seed=0):
+    """A small random GPT whose special tokens can never win the argmax (so greedy runs are never cut short)."""
+    torch.manual_seed(seed)
+    config = GPTConfig(sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=n_layer,
+                       n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd)
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+        for name in tokenizer.get_special_tokens():
+            model.lm_head.weight[tokenizer.encode_special(name)] = 0.0
+    model.eval()
+    return model
+
+
+PROMPTS = ["The quick brown fox", "Once upon a time there was", "1 + 1 ="]
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])  # plain multi-head and grouped-query attention
+def test_kv_cache_greedy_matches_naive_recompute(tiny_tokenizer, n_kv_head):
+    model = random_model(tiny_tokenizer, n_kv_head=n_kv_head)
+    engine = Engine(model, tiny_tokenizer)
+    for prompt in PROMPTS:
+        tokens = tiny_tokenizer.encode(prompt, prepend="<|bos|>")
+        naive = list(model.generate(tokens, max_tokens=24, temperature=0.0))
+        results, masks = engine.generate_batch(tokens, num_samples=3, max_tokens=24, temperature=0.0)
+        assert len(set(naive)) > 3, "degenerate model: the comparison would prove little"
+        for row, mask in zip(results, masks):
+            assert row[len(tokens):] == naive
+            assert mask[len(tokens):] == [1] * len(naive)
+
+
+def test_generation_past_the_cache_chunk_matches_naive(tiny_tokenizer):
+    # a long prompt + generation crosses several rotary/cache positions; the cache must stay exact
+    model = random_model(tiny_tokenizer, n_layer=1)
+    engine = Engine(model, tiny_tokenizer)
+    tokens = tiny_tokenizer.encode("word " * 60, prepend="<|bos|>")
+    naive = list(model.generate(tokens, max_tokens=8, temperature=0.0))
+    results, _ = engine.generate_batch(tokens, max_tokens=8, temperature=0.0)
+    assert results[0][len(tokens):] == naive
+
+
+def test_kv_cache_grows_and_keeps_contents():
+    cache = KVCache(batch_size=2, num_heads=1, head_dim=4, num_layers=1, seq_len=3)
+    first = torch.randn(2, 1, 3, 4)
+    cache.insert_kv(0, first, first)
+    capacity = cache.capacity
+    more = torch.randn(2, 1, capacity, 4)  # forces a reallocation
+    keys, values = cache.insert_kv(0, more, more)
+    assert cache.capacity > capacity and cache.get_pos() == 3 + capacity
+    assert torch.equal(keys[:, :, :3], first) and torch.equal(values[:, :, 3:], more)
+
+
+def test_seed_reproduces_and_rows_sample_independently(tiny_tokenizer):
+    model = random_model(tiny_tokenizer)
+    engine = Engine(model, tiny_tokenizer)
+    tokens = tiny_tokenizer.encode("Hello", prepend="<|bos|>")
+    run = lambda seed: engine.generate_batch(tokens, num_samples=4, max_tokens=16, temperature=1.0, seed=seed)[0]
+    first, again, other = run(1), run(1), run(2)
+    assert first == again
+    assert first != other
+    assert len({tuple(row) for row in first}) == 4, "rows must not share their samples"
+    # top_k=1 is greedy whatever the temperature; top_k=0 means no top-k
+    greedy = engine.generate_batch(tokens, max_tokens=10, temperature=0.0)[0]
+    assert engine.generate_batch(tokens, max_tokens=10, temperature=1.5, top_k=1, seed=3)[0] == greedy
+    assert engine.generate_batch(tokens, num_samples=4, max_tokens=16, temperature=1.0, top_k=0, seed=1)[0] == first
+
+
+def test_sample_next_token_filters():
+    rng = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 5.0, 4.9, -3.0, 1.0]] * 200)
+    assert set(sample_next_token(logits, rng, 1.0, top_k=2).flatten().tolist()) == {1, 2}
+    assert set(sample_next_token(logits, rng, 1.0, top_p=0.9).flatten().tolist()) == {1, 2}
+    assert set(sample_next_token(logits, rng, 1.0, top_p=0.01).flatten().tolist()) == {1}
+    assert sample_next_token(logits[:1], rng, 0.0).item() == 1
+
+
+class ScriptedModel(nn.Module):
+    """
+    Stands in for a GPT: always predicts the next token of a script. It writes a tool call, then
+    waits (predicting junk that the engine must override) until it has been fed <|output_end|>,
+    then finishes its answer. It records every token fed to it.
+    """
+
+    def __init__(self, tokenizer, code, answer):
+        super().__init__()
+        special = tokenizer.encode_special
+        self.config = GPTConfig(sequence_len=256, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=1, n_kv_head=1, n_embd=2)
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.before = [special("<|python_start|>")] + tokenizer.encode(code) + [special("<|python_end|>")]
+        self.after = tokenizer.encode(answer) + [special("<|assistant_end|>")]
+        self.output_end = special("<|output_end|>")
+        self.junk = tokenizer.encode("x")[0]
+        self.fed = []
+
+    def get_device(self):
+        return torch.device("cpu")
+
+    def forward(self, idx, kv_cache=None):
+        B, T = idx.shape
+        dummy = torch.zeros(B, 1, T, 2)
+        kv_cache.insert_kv(0, dummy, dummy)
+        self.fed.extend(idx[0].tolist())
+        produced = len(self.fed) - self.prompt_len
+        if self.output_end in self.fed:
+            since = len(self.fed) - self.fed.index(self.output_end) - 1
+            next_token = self.after[min(since, len(self.after) - 1)]
+        elif produced < len(self.before):
+            next_token = self.before[produced]
+        else:
+            next_token = self.junk  # the engine is forcing the tool output now
+        logits = torch.full((B, T, self.config.vocab_size), -10.0)
+        logits[:, -1, next_token] = 10.0
+        return logits
+
+
+def run_scripted(tokenizer, code, answer, tool_timeout=2.0):
+    model = ScriptedModel(tokenizer, code, answer)
+    prompt = tokenizer.encode("question", prepend="<|bos|>")
+    model.prompt_len = len(prompt)
+    engine = Engine(model, tokenizer, tool_timeout=tool_timeout)
+    results, masks = engine.generate_batch(prompt, max_tokens=60, temperature=0.0)
+    return results[0][len(prompt):], masks[0][len(prompt):]
+
+
+def test_tool_call_output_is_forced_with_mask_zero(tiny_tokenizer):
+    special = tiny_tokenizer.encode_special
+    tokens, masks = run_scripted(tiny_tokenizer, '"strawberry".count("r") * 14', "So 42.")
+    text = tiny_tokenizer.decode(tokens)
+    assert text.endswith('<|python_end|><|output_start|>42<|output_end|>So 42.'), text
+    start, end = tokens.index(special("<|output_start|>")), tokens.index(special("<|output_end|>"))
+    assert set(masks[start:end + 1]) == {0}  # forced: the model is never trained/scored on tool output
+    assert set(masks[:start]) == {1} and set(masks[end + 1:]) == {1}
+
+
+def test_failing_or_slow_tool_call_gives_an_error_not_a_stall(tiny_tokenizer):
+    tokens, _ = run_scripted(tiny_tokenizer, "1/0", "ok")
+    assert "<|output_start|>Error: ZeroDivisionError" in tiny_tokenizer.decode(tokens)
+    t0 = time.time()
+    tokens, _ = run_scripted(tiny_tokenizer, "sum(range(10**12))", "ok", tool_timeout=0.5)
+    assert time.time() - t0 < 5
+    assert "Error: timed out" in tiny_tokenizer.decode(tokens)
+    assert tiny_tokenizer.decode(tokens).endswith("ok")
+
+
+def test_run_tool_call_expressions_and_statements():
+    assert run_tool_call("12*7") == "84"
+    assert run_tool_call("'banana'.count('a')") == "3"
+    assert run_tool_call("x = 3\nprint(x * 2)") == "6"
+    assert len(run_tool_call("print('a' * 100000)")) <= 200
+
+
+def test_incremental_decoder_never_emits_half_a_character(tiny_tokenizer):
+    text = "naïve café 日本語 🙂 done"
+    ids = tiny_tokenizer.encode(text)
+    decoder = IncrementalDecoder(tiny_tokenizer)
+    pieces = [decoder.feed(token) for token in ids] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert sum(1 for piece in pieces if piece == "") > 0, "multi-byte characters span several byte-level tokens"
