@@ -36,7 +36,10 @@ autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.ty
 # one rank downloads, the others wait for the finished folder
 bundle_dir = os.path.join(get_base_dir(), "eval_bundle")
 if rank == 0:
-    bundle_dir = download_eval_bundle(args.bundle_url)
+    try:
+        bundle_dir = download_eval_bundle(args.bundle_url)
+    except RuntimeError as error:  # no network / bad zip: the message says where to put the bundle by hand
+        raise SystemExit(str(error)) from None
 if is_distributed:
     dist.barrier()
 

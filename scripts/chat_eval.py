@@ -160,7 +160,10 @@ def main():
 
     accuracies = {}
     for name in task_names:
-        task = TASKS[name](path=task_files[name]) if name in task_files else TASKS[name]()
+        try:
+            task = TASKS[name](path=task_files[name]) if name in task_files else TASKS[name]()
+        except (RuntimeError, OSError, ValueError) as error:  # hub unreachable, missing or malformed file
+            raise SystemExit(f"{error}\nWith this script: --task-file \"{name}=<file.parquet|file.jsonl>\"") from None
         started = time.time()
         with autocast:
             if task.eval_type == "categorical":

@@ -2,13 +2,11 @@
 CORE on a tiny hand-made bundle in the real bundle's format (core.yaml, eval_meta_data.csv,
 eval_data/...), scored with a scripted model whose right and wrong answers we choose, so every
 task's accuracy and the CORE metric can be computed by hand. The bundle is downloaded from a real
-HTTP server on 127.0.0.1.
+HTTP server on 127.0.0.1. (The distributed run is in test_chat_eval.py, through scripts.base_eval.)
 """
 import http.server
 import json
 import os
-import subprocess
-import sys
 import threading
 import zipfile
 
@@ -16,8 +14,6 @@ import pytest
 import torch
 
 from nanochat.core_eval import download_eval_bundle, evaluate_core, load_core_tasks, render_prompts_lm, render_prompts_mc, render_prompts_schema
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CORE_YAML = """\
 icl_tasks:
@@ -210,38 +206,3 @@ def test_download_failure_says_what_to_do(tmp_path):
     with pytest.raises(RuntimeError, match="eval_bundle.zip"):
         download_eval_bundle("http://127.0.0.1:9/eval_bundle.zip", base_dir=str(tmp_path), retries=1)
     assert os.listdir(tmp_path) == []
-
-
-WORKER = """
-import json, sys
-sys.path.insert(0, {tests_dir!r})
-from nanochat.common import compute_init, compute_cleanup
-from nanochat.core_eval import evaluate_core
-from nanochat.tokenizer import RustBPETokenizer
-from test_core_eval import scripted_model
-_, rank, _, world_size, device = compute_init("cpu")
-tokenizer = RustBPETokenizer.from_directory({tokenizer_dir!r})
-out = evaluate_core(scripted_model(tokenizer), tokenizer, device, {bundle_dir!r}, log=lambda *a, **k: None)
-if rank == 0:
-    json.dump(dict(out, world_size=world_size), open({out_path!r}, "w"))
-compute_cleanup()
-"""
-
-
-@pytest.mark.slow
-def test_distributed_core_matches_single_process(tiny_tokenizer, tmp_path):
-    bundle_dir = write_bundle(str(tmp_path))
-    tokenizer_dir = str(tmp_path / "tokenizer")
-    tiny_tokenizer.save(tokenizer_dir)
-    out_path = str(tmp_path / "out.json")
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER.format(tests_dir=os.path.join(REPO_ROOT, "tests"), tokenizer_dir=tokenizer_dir,
-                                    bundle_dir=bundle_dir, out_path=out_path))
-    env = dict(os.environ, OMP_NUM_THREADS="1", NANOCHAT_BASE_DIR=str(tmp_path / "base"))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker)],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.load(open(out_path))
-    assert out["world_size"] == 2
-    assert out["results"] == pytest.approx(EXPECTED)
-    assert out["core_metric"] == pytest.approx(EXPECTED_CORE)
