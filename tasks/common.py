@@ -7,6 +7,7 @@ nanochat/tokenizer.py for how it is rendered) plus whatever the task's evaluate(
 """
 import gzip
 import json
+import operator
 import os
 import random
 
@@ -48,8 +49,7 @@ class Task:
         return max(0, (stop - self.start + self.step - 1) // self.step)
 
     def __getitem__(self, index):
-        if not isinstance(index, int):
-            raise TypeError(f"task index must be an int, got {type(index).__name__}")
+        index = operator.index(index)  # ints and numpy ints; a float or a slice is a TypeError
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):

@@ -4,7 +4,6 @@ the distributed split of problems, and the base_eval / chat_eval scripts end to 
 checkpoint.
 """
 import dataclasses
-import json
 import os
 import subprocess
 import sys

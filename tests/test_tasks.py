@@ -1,5 +1,4 @@
 """Tasks on small local fixtures in the hub schemas, HumanEval on the real 164 problems, mixtures."""
-import gzip
 import json
 import os
 import subprocess
