@@ -218,8 +218,9 @@ def _reduce_scatter_avg(output, stacked, world_size):
     if world_size == 1:
         output.copy_(stacked.view_as(output))
         return None
+    # flat views: gloo wants dim 0 of the input to be world_size x dim 0 of the output.
     # SUM then divide: ReduceOp.AVG is not offered by every backend/version
-    work = dist.reduce_scatter_tensor(output, stacked, op=dist.ReduceOp.SUM, async_op=True)
+    work = dist.reduce_scatter_tensor(output.view(-1), stacked.view(-1), op=dist.ReduceOp.SUM, async_op=True)
     return _DivideAfter(work, output, world_size)
 
 
@@ -227,7 +228,7 @@ def _all_gather(output, owned, world_size):
     if world_size == 1:
         output.view(-1)[:owned.numel()].copy_(owned.reshape(-1))
         return None
-    return dist.all_gather_into_tensor(output, owned, async_op=True)
+    return dist.all_gather_into_tensor(output.view(-1), owned.reshape(-1), async_op=True)
 
 
 class _DivideAfter:

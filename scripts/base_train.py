@@ -225,14 +225,18 @@ for step in range(start_step, num_iterations + 1):
             inputs, targets = next(train_loader)
             with autocast_ctx:
                 loss = model(inputs, targets)
-            train_loss = loss.detach()
-            (loss / grad_accum_steps).backward()
+            loss = loss / grad_accum_steps
+            train_loss = loss.detach() if micro_step == 0 else train_loss + loss.detach()
+            loss.backward()
         lr_multiplier = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         set_learning_rates(optimizers, lr_multiplier)
         set_muon_momentum(muon, get_muon_momentum(step))
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
+        if is_distributed:
+            dist.all_reduce(train_loss, op=dist.ReduceOp.SUM)  # log the loss of the whole batch, not rank 0's share
+            train_loss = train_loss / world_size
         train_loss = train_loss.item()  # also waits for the step to finish, so the timing is honest
 
     smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss
@@ -241,7 +245,7 @@ for step in range(start_step, num_iterations + 1):
     if mfu is not None and timer.steps_seen > timer.skip_first:
         mfu_sum, mfu_count = mfu_sum + mfu, mfu_count + 1
     mfu_text = f"{mfu:.1f}%" if mfu is not None else "n/a"
-    print0(f"step {step + 1:05d}/{num_iterations:05d} ({100 * (step + 1) / num_iterations:.1f}%) | loss {train_loss:.4f} "
+    print0(f"step {step + 1:05d}/{num_iterations:05d} ({100 * (step + 1) / num_iterations:.1f}%) | loss {train_loss:.6f} "
            f"(smooth {debiased_loss:.4f}) | lrm {lr_multiplier:.2f} | dt {timer.last * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | "
            f"mfu {mfu_text} | elapsed {format_duration(previous_training_time + timer.elapsed)} | eta {format_duration(timer.eta(num_iterations - step - 1))}")
     wandb_run.log({"step": step + 1, "train/loss": train_loss, "train/lrm": lr_multiplier, "train/tok_per_sec": tok_per_sec,

@@ -1,0 +1,133 @@
+"""The GPT model: sizing, init, loss, the KV-cache path and the naive sampler."""
+import math
+
+import pytest
+import torch
+
+from nanochat.gpt import GPT, GPTConfig, model_config_from_depth
+
+
+class SimpleKVCache:
+    """The smallest cache that follows the contract in nanochat/gpt.py (the engine has the fast one)."""
+
+    def __init__(self, n_layer):
+        self.keys, self.values, self.pos, self.n_layer = [None] * n_layer, [None] * n_layer, 0, n_layer
+
+    def get_pos(self):
+        return self.pos
+
+    def insert_kv(self, layer_idx, k, v):
+        old_k, old_v = self.keys[layer_idx], self.values[layer_idx]
+        self.keys[layer_idx] = k if old_k is None else torch.cat([old_k, k], dim=2)
+        self.values[layer_idx] = v if old_v is None else torch.cat([old_v, v], dim=2)
+        if layer_idx == self.n_layer - 1:
+            self.pos += k.size(2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+def make_model(depth=2, vocab_size=256, sequence_len=64, n_kv_head=None, seed=0, random_outputs=False):
+    torch.manual_seed(seed)
+    model = GPT(model_config_from_depth(depth, vocab_size, sequence_len, n_kv_head))
+    model.init_weights()
+    if random_outputs:  # zero-initialised projections make every position look alike; break that for comparisons
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 2 and p.abs().sum() == 0:
+                    p.normal_(0, 0.02)
+    return model
+
+
+def test_depth_sets_width_and_heads():
+    cfg = model_config_from_depth(20, 32768, 2048)
+    assert (cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.n_layer) == (1280, 10, 10, 20)
+    assert model_config_from_depth(12, 100, 16).n_embd == 768
+    # tiny depths round up to one full 128-wide head
+    assert [model_config_from_depth(d, 100, 16).n_embd for d in (1, 2, 3, 4)] == [128, 128, 256, 256]
+    assert model_config_from_depth(20, 100, 16, n_kv_head=5).n_kv_head == 5
+    with pytest.raises(ValueError, match="must divide"):
+        model_config_from_depth(20, 100, 16, n_kv_head=3)
+
+
+def test_initial_loss_is_uniform_and_ignores_minus_one():
+    model = make_model(vocab_size=300)
+    idx = torch.randint(0, 300, (2, 16))
+    targets = idx.clone()
+    # the head starts at zero, so every token gets probability 1/V
+    assert model(idx, targets).item() == pytest.approx(math.log(300), rel=1e-5)
+    model = make_model(vocab_size=300, random_outputs=True)
+    per_token = model(idx, targets, loss_reduction="none")
+    assert per_token.shape == (2, 16)
+    targets[:, :8] = -1
+    masked = model(idx, targets)
+    assert masked.item() == pytest.approx(per_token[:, 8:].mean().item(), rel=1e-5)
+    logits = model(idx)
+    assert logits.shape == (2, 16, 300) and logits.dtype == torch.float32
+    assert logits.abs().max() <= 15.0  # soft-capped
+
+
+def test_num_params_and_flops():
+    model = make_model(depth=2, vocab_size=256, sequence_len=64)
+    d = 128
+    per_layer = 4 * d * d + 8 * d * d  # q, k, v, proj + 4x MLP in and out
+    assert model.num_params() == 2 * per_layer + 2 * 256 * d
+    assert model.estimate_flops() == 6 * (2 * per_layer + 256 * d) + 12 * 2 * 1 * 128 * 64
+
+
+def test_overfits_a_single_batch():
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    model = make_model(depth=2, vocab_size=256, sequence_len=32)
+    optimizers = model.setup_optimizers()
+    torch.manual_seed(1)
+    idx = torch.randint(0, 256, (2, 33))
+    inputs, targets = idx[:, :-1], idx[:, 1:]
+    first = None
+    for _ in range(40):
+        loss = model(inputs, targets)
+        first = first if first is not None else loss.item()
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+    assert first == pytest.approx(math.log(256), rel=1e-4)
+    assert loss.item() < 0.5, f"could not memorise one batch: loss {first:.2f} -> {loss.item():.2f}"
+
+
+@pytest.mark.parametrize("n_kv_head", [None, 1])
+def test_kv_cache_matches_full_forward(n_kv_head):
+    model = make_model(depth=4, vocab_size=128, n_kv_head=n_kv_head, random_outputs=True)
+    model.eval()
+    idx = torch.randint(0, 128, (2, 21))
+    with torch.no_grad():
+        full = model(idx)
+        cache = SimpleKVCache(model.config.n_layer)
+        # a prefill, a multi-token chunk after a prefix, then single-token decode steps
+        pieces = [model(idx[:, :7], kv_cache=cache), model(idx[:, 7:15], kv_cache=cache)]
+        pieces += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(15, 21)]
+    assert cache.get_pos() == 21
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_generate_is_greedy_argmax_and_seeded():
+    model = make_model(vocab_size=64, random_outputs=True)
+    prompt = [1, 2, 3]
+    greedy = list(model.generate(prompt, max_tokens=5, temperature=0))
+    ids = list(prompt)
+    for token in greedy:
+        with torch.no_grad():
+            assert token == model(torch.tensor([ids]))[0, -1].argmax().item()
+        ids.append(token)
+    sampled_a = list(model.generate(prompt, max_tokens=8, temperature=1.0, seed=7))
+    sampled_b = list(model.generate(prompt, max_tokens=8, temperature=1.0, seed=7))
+    assert sampled_a == sampled_b
+    top1 = list(model.generate(prompt, max_tokens=5, temperature=1.0, top_k=1))
+    assert top1 == greedy
+
+
+def test_meta_device_build_then_init():
+    cfg = GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=1, n_kv_head=1, n_embd=128)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    assert torch.isfinite(model(torch.zeros(1, 4, dtype=torch.long))).all()
+    assert set(model.state_dict()) == {name for name, _ in model.named_parameters()}  # rotary tables are not saved
