@@ -71,3 +71,111 @@ def test_loss_falls_and_resume_is_bit_exact(trained_base_dir):
     resumed_weights, _, _ = load_checkpoint(checkpoint_dir, 30, "cpu")
     for name, tensor in final_weights.items():
         assert torch.equal(resumed_weights[name], tensor), name
+
+
+@pytest.mark.slow
+def test_torchrun_matches_one_process_with_twice_the_accumulation(trained_base_dir, tiny_tokenizer):
+    """2 ranks x 1 micro-step (gloo, DistMuon/DistAdamW) == 1 process x 2 micro-steps over the same two data shards."""
+    steps = 3
+    log = run_script(trained_base_dir, TRAIN_FLAGS + ["--num-iterations", str(steps), "--eval-every", "-1",
+                                                     "--model-tag", "dist"], torchrun=True)
+    dist_losses = losses_of(log)
+    checkpoint_dir = os.path.join(trained_base_dir, "base_checkpoints", "dist")
+    assert os.path.exists(os.path.join(checkpoint_dir, f"optim_{steps:06d}_rank1.pt"))  # every rank saved its shard
+    dist_weights, _, _ = load_checkpoint(checkpoint_dir, steps, "cpu")
+
+    # the same run in this process: one loader per rank's shard, gradients accumulated over both
+    from nanochat.dataloader import PretrainLoader
+    from nanochat.training import get_muon_momentum, set_learning_rates, set_muon_momentum
+
+    os.environ["NANOCHAT_DATA"] = "sample"
+    torch.manual_seed(42)  # what compute_init seeds
+    with torch.device("meta"):
+        model = GPT(model_config_from_depth(2, tiny_tokenizer.get_vocab_size(), 64))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    optimizers = model.setup_optimizers()
+    loaders = [PretrainLoader(tiny_tokenizer, 8, 64, "train", rank=r, world_size=2) for r in range(2)]
+    for step in range(steps):
+        total = 0.0
+        for loader in loaders:
+            inputs, targets = next(loader)
+            loss = model(inputs, targets) / 2
+            total += loss.item()
+            loss.backward()
+        set_learning_rates(optimizers, get_lr_multiplier(step, steps, 0.0, 0.2, 0.0))
+        set_muon_momentum(optimizers[1], get_muon_momentum(step))
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        assert dist_losses[step + 1] == pytest.approx(total, abs=1e-5)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(dist_weights[name], tensor, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path):
+    """A process that dies half way through writing step 2 (a real os._exit mid-pickle) leaves step 1 intact."""
+    checkpoint_dir = tmp_path / "d1"
+    model = {"w": torch.arange(6.0)}
+    save_checkpoint(str(checkpoint_dir), 1, model, {"optimizers": []}, {"step": 1})
+    crasher = f"""
+import os, torch
+from nanochat.checkpoint_manager import save_checkpoint
+class DieWhilePickled:
+    def __reduce__(self):
+        os._exit(3)
+save_checkpoint({str(checkpoint_dir)!r}, 2, {{"w": torch.zeros(1000), "x": DieWhilePickled()}}, None, {{"step": 2}})
+"""
+    result = subprocess.run([sys.executable, "-c", crasher], cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    assert result.returncode == 3
+    assert find_last_step(str(checkpoint_dir)) == 1
+    model_data, optimizer_data, meta = load_checkpoint(str(checkpoint_dir), 1, "cpu", load_optimizer=True)
+    assert torch.equal(model_data["w"], model["w"]) and meta == {"step": 1} and optimizer_data == {"optimizers": []}
+    # a crash while overwriting the SAME step keeps the old file whole too
+    crasher_same_step = crasher.replace("save_checkpoint(" + repr(str(checkpoint_dir)) + ", 2", "save_checkpoint(" + repr(str(checkpoint_dir)) + ", 1")
+    assert subprocess.run([sys.executable, "-c", crasher_same_step], cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=REPO_ROOT)).returncode == 3
+    assert torch.equal(load_checkpoint(str(checkpoint_dir), 1, "cpu")[0]["w"], model["w"])
+
+
+def test_checkpoint_errors_list_what_exists(tmp_path, base_dir):
+    checkpoint_dir = base_dir / "base_checkpoints" / "d3"
+    for step in (5, 10):
+        save_checkpoint(str(checkpoint_dir), step, {"w": torch.zeros(1)}, None, {"step": step})
+    (base_dir / "base_checkpoints" / "d12").mkdir()
+    assert find_largest_model(str(base_dir / "base_checkpoints")) == "d12"
+    assert find_last_step(str(checkpoint_dir)) == 10
+    with pytest.raises(FileNotFoundError, match=r"available steps: \[5, 10\]"):
+        load_checkpoint(str(checkpoint_dir), 7, "cpu")
+    with pytest.raises(FileNotFoundError, match=r"available tags: \['d12', 'd3'\]"):
+        load_model("base", "cpu", "eval", model_tag="d99")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        load_model("base", "cpu", "eval", model_tag="d12")
+    with pytest.raises(FileNotFoundError, match="optim_000010_rank1.pt is missing"):
+        load_checkpoint(str(checkpoint_dir), 10, "cpu", load_optimizer=True, rank=1)
+
+
+def test_evaluate_bpb_counts_bytes_and_skips_specials():
+    torch.manual_seed(0)
+    model = GPT(model_config_from_depth(1, 16, 8))
+    model.init_weights()  # zero head: every token costs ln(16) nats
+    token_bytes = torch.tensor([1, 2, 3, 4] * 3 + [0, 0, 0, 0])  # ids 12..15 are specials
+    inputs = torch.randint(0, 16, (2, 8))
+    targets = torch.tensor([[0, 1, 2, 3, 12, -1, -1, -1], [4, 5, 6, 7, 8, 9, 10, 11]])
+    bpb = evaluate_bpb(model, iter([(inputs, targets)] * 2), 2, token_bytes)
+    counted = 4 + 8  # -1 targets and the special token are left out
+    num_bytes = (1 + 2 + 3 + 4) + (1 + 2 + 3 + 4) * 2
+    assert bpb == pytest.approx(counted * math.log(16) / (math.log(2) * num_bytes), rel=1e-5)
+
+
+def test_grad_accum_and_schedule_helpers():
+    assert get_grad_accum_steps(524288, 32, 2048, 8) == 1
+    assert get_grad_accum_steps(524288, 16, 2048, 1) == 16
+    with pytest.raises(ValueError, match=r"multiple of 49152"):
+        get_grad_accum_steps(100000, 12, 2048, 2)
+    lrm = [get_lr_multiplier(s, 100, 0.1, 0.2, 0.0) for s in range(101)]
+    assert lrm[0] == pytest.approx(0.1) and lrm[9] == 1.0 and lrm[50] == 1.0 and lrm[80] == 1.0
+    assert lrm[90] == pytest.approx(0.5) and lrm[100] == 0.0
+    assert is_due(10, 5, False) and not is_due(11, 5, False) and not is_due(10, -1, False) and is_due(7, -1, True)
+
+
