@@ -1,0 +1,373 @@
+"""
+The web server, started for real (uvicorn in a subprocess on 127.0.0.1) with a tiny random model:
+the official openai client (stream and not), limits and malformed requests, disconnects, the
+bounded queue, and the chat page in headless Chromium.
+"""
+import base64
+import dataclasses
+import fcntl
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.gpt import GPT, GPTConfig
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def save_tiny_model(base_dir, tokenizer, sequence_len=4096):
+    """A random 2-layer model as a real SFT checkpoint; its special tokens never win the argmax, so greedy replies run to max_tokens."""
+    tokenizer.save(os.path.join(base_dir, "tokenizer"))
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+        for name in tokenizer.get_special_tokens():
+            model.lm_head.weight[tokenizer.encode_special(name)] = 0.0  # logit 0: sampled sometimes, never the argmax
+    save_checkpoint(os.path.join(base_dir, "chatsft_checkpoints", "d2"), 1, model.state_dict(), None,
+                    {"model_config": dataclasses.asdict(config), "step": 1})
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_tokenizer, tmp_path_factory):
+    base_dir = tmp_path_factory.mktemp("web_base")
+    save_tiny_model(str(base_dir), tiny_tokenizer)
+    port = free_port()
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "PYTHONPATH": REPO_ROOT}
+    log_path = base_dir / "server.log"
+    log = open(log_path, "w")
+    process = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--host", "127.0.0.1", "--port", str(port),
+                                "--device-type", "cpu", "--threads", "1", "--queue-size", "1"],
+                               cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            pytest.fail("server did not start:\n" + log_path.read_text())
+        time.sleep(0.2)
+    yield {"url": url, "log": log_path}
+    process.terminate()
+    process.wait(timeout=10)
+    log.close()
+
+
+def wait_until_idle(url, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        stats = httpx.get(url + "/stats").json()
+        if stats["workers_busy"] == 0 and stats["requests_waiting"] == 0:
+            return stats
+        time.sleep(0.02)
+    raise AssertionError(f"workers still busy after {timeout} s: {stats}")
+
+
+def test_health_models_and_page(server):
+    assert httpx.get(server["url"] + "/health").json()["status"] == "ok"
+    models = httpx.get(server["url"] + "/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "nanochat-sft-d2"
+    page = httpx.get(server["url"] + "/")
+    assert page.status_code == 200 and "<textarea" in page.text
+    assert "http://" not in page.text.replace("http://127", "") and "https://" not in page.text, "the page must not load anything from the network"
+
+
+def test_openai_client_stream_and_non_stream(server):
+    from openai import OpenAI
+    client = OpenAI(base_url=server["url"] + "/v1", api_key="unused")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there! Tell me a story."}]
+    reply = client.chat.completions.create(model="nanochat-sft-d2", messages=messages, max_tokens=20, temperature=0.9, seed=7)
+    text = reply.choices[0].message.content
+    assert isinstance(text, str) and text
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.prompt_tokens > 5 and 0 < reply.usage.completion_tokens <= 20
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+    stream = client.chat.completions.create(model="nanochat-sft-d2", messages=messages, max_tokens=20, temperature=0.9, seed=7,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == text, "same seed, same reply, streamed or not"
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1, "the reply arrives in pieces"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [reply.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+    # a different seed gives a different reply; temperature 0 is deterministic
+    other = client.chat.completions.create(model="x", messages=messages, max_tokens=20, temperature=0.9, seed=8)
+    assert other.choices[0].message.content != text
+    greedy = [client.chat.completions.create(model="x", messages=messages, max_tokens=10, temperature=0.0).choices[0].message.content
+              for _ in range(2)]
+    assert greedy[0] == greedy[1]
+    wait_until_idle(server["url"])
+
+
+def test_raw_stream_ends_with_done_and_stop_sequences_apply(server):
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 30, "temperature": 0.0, "stream": True}
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    full = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "") for line in lines[:-1])
+    assert len(full) > 10
+    stop = full[5:8]
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 30, "temperature": 0.0, "stop": [stop, "\x00never"]}
+    reply = httpx.post(server["url"] + "/v1/chat/completions", json=body).json()
+    assert reply["choices"][0]["message"]["content"] == full[:full.index(stop)]
+    assert reply["choices"][0]["finish_reason"] == "stop"
+    # top_p and the top_k extension are accepted; top_k=1 is greedy
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 30, "temperature": 1.0, "top_k": 1, "top_p": 0.9}
+    assert httpx.post(server["url"] + "/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] == full
+
+
+GOOD = [{"role": "user", "content": "hi"}]
+BAD_REQUESTS = [
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}] * 300}, "too_many_messages"),
+    ({"messages": [{"role": "user", "content": "x" * 8001}]}, "message_too_long"),
+    ({"messages": [{"role": "user", "content": "x" * 7000}, {"role": "assistant", "content": "y" * 7000}] * 2 + GOOD * 0
+      + [{"role": "user", "content": "x" * 7000}, {"role": "assistant", "content": "y" * 7000}, {"role": "user", "content": "z"}]},
+     "conversation_too_long"),
+    ({"messages": GOOD, "temperature": 2.5}, "temperature_out_of_range"),
+    ({"messages": GOOD, "temperature": -0.1}, "temperature_out_of_range"),
+    ({"messages": GOOD, "temperature": "hot"}, "invalid_temperature"),
+    ({"messages": GOOD, "top_k": 201}, "top_k_out_of_range"),
+    ({"messages": GOOD, "top_k": 1.5}, "invalid_top_k"),
+    ({"messages": GOOD, "max_tokens": 0}, "max_tokens_out_of_range"),
+    ({"messages": GOOD, "max_tokens": 100000}, "max_tokens_out_of_range"),
+    ({"messages": GOOD, "top_p": 1.5}, "top_p_out_of_range"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "invalid_role"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "invalid_role_order"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "invalid_role_order"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "invalid_role_order"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}, "invalid_role_order"),
+    ({"messages": [{"role": "user", "content": 5}]}, "invalid_content"),
+    ({"messages": [{"role": "user"}]}, "invalid_message"),
+    ({"messages": []}, "invalid_messages"),
+    ({"messages": "hi"}, "invalid_messages"),
+    ({"messages": GOOD, "stop": ["a", "b", "c", "d", "e"]}, "invalid_stop"),
+    ({"messages": GOOD, "n": 3}, "n_out_of_range"),
+]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/chat/completions"])
+def test_each_limit_gets_a_4xx_naming_it(server, path):
+    for body, code in BAD_REQUESTS:
+        response = httpx.post(server["url"] + path, json=body)
+        assert response.status_code == 400, (code, response.text)
+        error = response.json()["error"]
+        assert error["code"] == code, (code, error)
+    for raw in [b"{not json", b"", b"[1, 2]", b"\xff\xfe", b'"just a string"']:
+        response = httpx.post(server["url"] + path, content=raw, headers={"Content-Type": "application/json"})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json", raw
+    assert httpx.get(server["url"] + "/health").status_code == 200
+
+
+def test_page_endpoint_streams_tokens(server):
+    body = {"messages": GOOD, "max_tokens": 15, "temperature": 0.0}
+    with httpx.stream("POST", server["url"] + "/chat/completions", json=body) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    assert len([e for e in events if "token" in e]) > 1
+    assert events[-1]["done"] is True and events[-1]["finish_reason"] == "length"
+
+
+@pytest.mark.slow
+def test_disconnect_frees_the_worker_and_full_queue_gives_503(server):
+    url = server["url"]
+    wait_until_idle(url)
+    before = httpx.get(url + "/stats").json()
+    long_body = {"messages": GOOD, "max_tokens": 4000, "temperature": 0.0, "stream": True}
+    # one client reads a little and hangs up: its worker must be free right away, not after 4000 tokens
+    with httpx.stream("POST", url + "/v1/chat/completions", json=long_body) as response:
+        lines = response.iter_lines()
+        for _ in range(5):
+            next(lines)
+        time.sleep(0.3)
+        assert httpx.get(url + "/stats").json()["workers_busy"] == 1, "still streaming to a connected client"
+    t0 = time.time()
+    stats = wait_until_idle(url, timeout=3.0)
+    assert time.time() - t0 < 1.5
+    assert stats["tokens_generated"] - before["tokens_generated"] < 2000
+
+    # one worker busy + one request waiting fills the queue (--queue-size 1): the next one is turned away
+    def waiting_client():  # waits for the busy worker, reads one line, hangs up
+        with httpx.stream("POST", url + "/v1/chat/completions", json=long_body, timeout=60) as response:
+            lines = response.iter_lines()  # keep a reference: a collected iterator closes the connection
+            next(lines)
+
+    with httpx.stream("POST", url + "/v1/chat/completions", json=long_body, timeout=60) as first:
+        first_lines = first.iter_lines()
+        next(first_lines)
+        waiter = threading.Thread(target=waiting_client)
+        waiter.start()
+        deadline = time.time() + 5
+        while httpx.get(url + "/stats").json()["requests_waiting"] < 1 and time.time() < deadline:
+            time.sleep(0.02)
+        rejected = httpx.post(url + "/v1/chat/completions", json=long_body)
+        assert rejected.status_code == 503, httpx.get(url + "/stats").json()
+        assert int(rejected.headers["retry-after"]) >= 1 and rejected.json()["error"]["code"] == "queue_full"
+    waiter.join(timeout=10)
+    assert not waiter.is_alive()
+    wait_until_idle(url, timeout=5.0)
+
+
+def test_one_log_line_per_request_without_message_text(server):
+    secret = "purple-elephant-secret"
+    httpx.post(server["url"] + "/v1/chat/completions", json={"messages": [{"role": "user", "content": secret}], "max_tokens": 3})
+    httpx.post(server["url"] + "/v1/chat/completions", json={"messages": [{"role": "user", "content": secret}], "temperature": 9})
+    time.sleep(0.3)
+    log = server["log"].read_text()
+    assert secret not in log
+    lines = [line for line in log.splitlines() if "/v1/chat/completions" in line]
+    assert any("200" in line and "completion_tokens=3" in line for line in lines)
+    assert any("400" in line and "temperature_out_of_range" in line for line in lines)
+
+
+# ---- the chat page in a real browser -------------------------------------------------------------
+
+class Chromium:
+    """Drives headless Chromium over the DevTools protocol on a pipe (fd 3 in, fd 4 out; messages end with NUL)."""
+
+    def __init__(self, executable, user_data_dir):
+        to_browser_read, self.to_browser = os.pipe()
+        self.from_browser, from_browser_write = os.pipe()
+
+        def wire_fds():  # the browser expects the pipe on fds 3 and 4 (move both out of the way first)
+            high_read = fcntl.fcntl(to_browser_read, fcntl.F_DUPFD, 10)
+            high_write = fcntl.fcntl(from_browser_write, fcntl.F_DUPFD, 10)
+            os.dup2(high_read, 3)
+            os.dup2(high_write, 4)
+
+        self.process = subprocess.Popen(
+            [executable, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe", "--no-first-run",
+             f"--user-data-dir={user_data_dir}", "about:blank"],
+            preexec_fn=wire_fds, close_fds=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_browser_read)
+        os.close(from_browser_write)
+        self.next_id, self.buffer, self.session = 0, b"", None
+
+    def send(self, method, params=None, session=True):
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params or {}}
+        if session and self.session:
+            message["sessionId"] = self.session
+        os.write(self.to_browser, json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in self.buffer:
+                data = os.read(self.from_browser, 1 << 20)
+                if not data:
+                    raise RuntimeError("chromium closed the pipe")
+                self.buffer += data
+            raw, self.buffer = self.buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    def open(self, url, width, height, mobile=False):
+        target = self.send("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
+        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True}, session=False)["sessionId"]
+        self.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile})
+        self.send("Page.navigate", {"url": url})
+
+    def evaluate(self, expression):
+        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"page script failed: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression, timeout=20.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for: {expression}")
+
+    def screenshot(self, path):
+        data = self.send("Page.captureScreenshot", {"format": "png"})["data"]
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(data))
+
+    def close(self):
+        self.process.kill()
+        self.process.wait()
+        os.close(self.to_browser)
+        os.close(self.from_browser)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs the Debian package chromium (apt-get install -y chromium)")
+def test_chat_page_in_headless_chromium(server, tmp_path):
+    browser = Chromium(CHROMIUM, tmp_path / "profile")
+    artifacts = os.environ.get("NANOCHAT_TEST_ARTIFACTS", str(tmp_path))
+    try:
+        browser.open(server["url"] + "/", 1000, 720)
+        browser.wait_for("document.readyState === 'complete' && document.getElementById('model-name').textContent.length > 0")
+        # greedy and long enough to watch the reply stream in
+        browser.evaluate("document.getElementById('temperature').value = 0; document.getElementById('max-tokens').value = 600;"
+                         "document.getElementById('input').value = 'Write a haiku about the sea';"
+                         "document.getElementById('composer').requestSubmit(); true")
+        partial = browser.wait_for("(() => { const b = document.querySelector('.message.assistant .bubble.streaming');"
+                                   " return b && b.textContent.length > 0 ? b.textContent.length : 0; })()")
+        browser.wait_for("document.querySelector('.message.assistant') && !document.querySelector('.streaming')")
+        final = browser.evaluate("document.querySelector('.message.assistant .bubble').textContent")
+        assert 0 < partial < len(final), "the reply should be visible while it streams"
+        assert browser.evaluate("document.querySelector('.message.user .bubble').textContent") == "Write a haiku about the sea"
+        browser.screenshot(os.path.join(artifacts, "chat_page.png"))
+
+        # regenerate replaces the answer (still two messages); greedy: the same text again
+        browser.evaluate("document.querySelector('.action-regenerate').click(); true")
+        browser.wait_for("document.querySelectorAll('.message').length === 2 && !document.querySelector('.streaming')")
+        assert browser.evaluate("document.querySelector('.message.assistant .bubble').textContent") == final
+
+        # editing the user message drops what followed and asks again
+        browser.evaluate("document.querySelector('.action-edit').click(); true")
+        browser.evaluate("document.querySelector('.edit-box').value = 'Another question';"
+                         "document.querySelector('.action-save').click(); true")
+        browser.wait_for("document.querySelectorAll('.message').length === 2 && !document.querySelector('.streaming')")
+        assert browser.evaluate("document.querySelector('.message.user .bubble').textContent") == "Another question"
+
+        # code blocks render as code
+        html = browser.evaluate("render('see:\\n```python\\nprint(1 < 2)\\n```\\ndone')")
+        assert "<pre><code" in html and "print(1 &lt; 2)" in html
+
+        # new chat empties the conversation; the page fits a phone screen without sideways scrolling
+        browser.evaluate("document.getElementById('new-chat').click(); true")
+        assert browser.evaluate("document.querySelectorAll('.message').length") == 0
+        browser.open(server["url"] + "/", 390, 760, mobile=True)
+        browser.wait_for("document.readyState === 'complete'")
+        browser.evaluate("document.getElementById('input').value = 'hi'; document.getElementById('composer').requestSubmit(); true")
+        browser.wait_for("document.querySelector('.message.assistant') && !document.querySelector('.streaming')", timeout=30)
+        assert browser.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+        browser.screenshot(os.path.join(artifacts, "chat_page_phone.png"))
+    finally:
+        browser.close()
+    wait_until_idle(server["url"])
