@@ -6,12 +6,17 @@
 //!    word frequency. Pair counts are updated incrementally from the words that contain the merged pair
 //!    (an inverted index pair -> words), never recounted; a lazy max-heap finds the best pair.
 //!
+//! Speed and memory (measured by dev/bench_tokenizer.py): all words live in one flat id buffer and are
+//! merged in place; the inverted index holds plain Vec<u32> word lists (not hash sets); for the known
+//! GPT-4-style patterns the lookahead `\s+(?!\S)` is emulated so the whole split runs in the regex DFA
+//! instead of fancy-regex's backtracking VM.
+//!
 //! The resulting merges are exported as tiktoken-style mergeable ranks so inference can use tiktoken.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use ahash::{AHashMap, AHashSet};
+use ahash::AHashMap;
 use compact_str::CompactString;
 use fancy_regex::Regex;
 use pyo3::exceptions::{PyTypeError, PyUserWarning, PyValueError};
@@ -41,40 +46,49 @@ impl Word {
     }
 
     /// Replace every non-overlapping occurrence (left to right) of `pair` by `new_id` and return the
-    /// change in this word's pair counts. Using the already-merged output as the left neighbour makes
-    /// runs like "a b a b" come out right: the (new, a) added by the first merge is removed again by
-    /// the second, leaving (new, new).
+    /// change in this word's pair counts (see `merge_in_place`).
     pub fn merge_pair(&mut self, pair: Pair, new_id: u32) -> Vec<(Pair, i64)> {
-        let (a, b) = pair;
-        let n = self.ids.len();
-        if n < 2 {
-            return Vec::new();
-        }
-        let mut out: Vec<u32> = Vec::with_capacity(n);
-        let mut deltas: Vec<(Pair, i64)> = Vec::with_capacity(6);
-        let mut i = 0;
-        while i < n {
-            if i + 1 < n && self.ids[i] == a && self.ids[i + 1] == b {
-                if let Some(&prev) = out.last() {
-                    deltas.push(((prev, a), -1));
-                    deltas.push(((prev, new_id), 1));
-                }
-                deltas.push(((a, b), -1));
-                if i + 2 < n {
-                    let next = self.ids[i + 2];
-                    deltas.push(((b, next), -1));
-                    deltas.push(((new_id, next), 1));
-                }
-                out.push(new_id);
-                i += 2;
-            } else {
-                out.push(self.ids[i]);
-                i += 1;
-            }
-        }
-        self.ids = out;
+        let mut deltas = Vec::new();
+        let len = merge_in_place(&mut self.ids, pair, new_id, &mut deltas);
+        self.ids.truncate(len);
         deltas
     }
+}
+
+/// Merge `pair` into `new_id` inside `ids` (in place, left to right, non-overlapping), append the change
+/// in pair counts to `deltas` and return the new length. Using the already-merged output as the left
+/// neighbour makes runs like "a b a b" come out right: the (new, a) added by the first merge is removed
+/// again by the second, leaving (new, new). In place and into a caller's buffer because the merge loop
+/// calls this millions of times: one allocation per call was a large share of training time.
+pub fn merge_in_place(ids: &mut [u32], pair: Pair, new_id: u32, deltas: &mut Vec<(Pair, i64)>) -> usize {
+    let (a, b) = pair;
+    let n = ids.len();
+    if n < 2 {
+        return n;
+    }
+    let (mut read, mut write) = (0, 0);
+    while read < n {
+        if read + 1 < n && ids[read] == a && ids[read + 1] == b {
+            if write > 0 {
+                let prev = ids[write - 1];
+                deltas.push(((prev, a), -1));
+                deltas.push(((prev, new_id), 1));
+            }
+            deltas.push(((a, b), -1));
+            if read + 2 < n {
+                let next = ids[read + 2];
+                deltas.push(((b, next), -1));
+                deltas.push(((new_id, next), 1));
+            }
+            ids[write] = new_id;
+            read += 2;
+        } else {
+            ids[write] = ids[read];
+            read += 1;
+        }
+        write += 1;
+    }
+    write
 }
 
 /// A heap entry: the count a pair had when it was pushed. Counts of existing pairs only ever go down
@@ -99,18 +113,64 @@ impl PartialOrd for MergeJob {
     }
 }
 
+/// All words in one flat buffer: word `i` is `ids[starts[i]..starts[i] + lens[i]]`. Merging only ever
+/// shortens a word, so it is done in place. One allocation instead of one per unique chunk (millions)
+/// saves both time and memory.
+struct FlatWords {
+    ids: Vec<u32>,
+    starts: Vec<usize>,
+    lens: Vec<u32>,
+}
+
+impl FlatWords {
+    fn from_words(words: Vec<Word>) -> Self {
+        let mut flat = FlatWords {
+            ids: Vec::with_capacity(words.iter().map(|w| w.ids.len()).sum()),
+            starts: Vec::with_capacity(words.len()),
+            lens: Vec::with_capacity(words.len()),
+        };
+        for word in words {
+            flat.push(&word.ids);
+        }
+        flat
+    }
+
+    fn push(&mut self, ids: &[u32]) {
+        self.starts.push(self.ids.len());
+        self.lens.push(ids.len() as u32);
+        self.ids.extend_from_slice(ids);
+    }
+
+    fn word(&self, i: usize) -> &[u32] {
+        &self.ids[self.starts[i]..self.starts[i] + self.lens[i] as usize]
+    }
+}
+
+/// Which words contain a pair: word indices, each listed once. A Vec, not a hash set: several times
+/// smaller, and only ever appended to, walked and dropped. Entries may go stale (the pair was merged
+/// away inside that word by an earlier merge); merging such a word is a no-op.
+type WordList = Vec<u32>;
+
+fn push_word(list: &mut WordList, word_index: u32) {
+    // a word's pairs are visited together, so a repeat is always the last entry
+    if list.last() != Some(&word_index) {
+        list.push(word_index);
+    }
+}
+
 /// Count every adjacent pair (weighted by word count) and remember which words contain it.
-fn count_pairs(words: &[Word], counts: &[i64]) -> (AHashMap<Pair, i64>, AHashMap<Pair, AHashSet<u32>>) {
-    words
-        .par_iter()
-        .enumerate()
+fn count_pairs(words: &FlatWords, counts: &[i64]) -> (AHashMap<Pair, i64>, AHashMap<Pair, WordList>) {
+    (0..counts.len())
+        .into_par_iter()
         .fold(
             || (AHashMap::new(), AHashMap::new()),
-            |(mut pair_counts, mut where_found): (AHashMap<Pair, i64>, AHashMap<Pair, AHashSet<u32>>), (i, w)| {
-                if counts[i] != 0 && w.ids.len() >= 2 {
-                    for pair in w.pairs() {
+            |(mut pair_counts, mut where_found): (AHashMap<Pair, i64>, AHashMap<Pair, WordList>), i| {
+                let ids = words.word(i);
+                if counts[i] != 0 && ids.len() >= 2 {
+                    for w in ids.windows(2) {
+                        let pair = (w[0], w[1]);
                         *pair_counts.entry(pair).or_default() += counts[i];
-                        where_found.entry(pair).or_insert_with(AHashSet::new).insert(i as u32);
+                        push_word(where_found.entry(pair).or_default(), i as u32);
                     }
                 }
                 (pair_counts, where_found)
@@ -118,21 +178,28 @@ fn count_pairs(words: &[Word], counts: &[i64]) -> (AHashMap<Pair, i64>, AHashMap
         )
         .reduce(
             || (AHashMap::new(), AHashMap::new()),
-            |(mut counts_a, mut where_a), (counts_b, where_b)| {
-                for (pair, c) in counts_b {
-                    *counts_a.entry(pair).or_default() += c;
+            |(counts_a, where_a), (counts_b, where_b)| {
+                // fold the smaller maps into the larger ones; folds cover disjoint words, so lists just concatenate
+                let (mut counts_big, counts_small) = if counts_a.len() >= counts_b.len() { (counts_a, counts_b) } else { (counts_b, counts_a) };
+                for (pair, c) in counts_small {
+                    *counts_big.entry(pair).or_default() += c;
                 }
-                for (pair, set) in where_b {
-                    where_a.entry(pair).or_insert_with(AHashSet::new).extend(set);
+                let (mut where_big, where_small) = if where_a.len() >= where_b.len() { (where_a, where_b) } else { (where_b, where_a) };
+                for (pair, list) in where_small {
+                    where_big.entry(pair).or_default().extend(list);
                 }
-                (counts_a, where_a)
+                (counts_big, where_big)
             },
         )
 }
 
 /// The merge loop. Returns the merges in order as (pair, new id); stops early (returning fewer merges)
 /// when no pair occurs any more.
-pub fn train_merges(mut words: Vec<Word>, counts: &[i64], num_merges: usize) -> Vec<(Pair, u32)> {
+pub fn train_merges(words: Vec<Word>, counts: &[i64], num_merges: usize) -> Vec<(Pair, u32)> {
+    train_flat(FlatWords::from_words(words), counts, num_merges)
+}
+
+fn train_flat(mut words: FlatWords, counts: &[i64], num_merges: usize) -> Vec<(Pair, u32)> {
     let (mut pair_counts, mut where_found) = count_pairs(&words, counts);
     let mut heap: BinaryHeap<MergeJob> = pair_counts
         .iter()
@@ -140,6 +207,8 @@ pub fn train_merges(mut words: Vec<Word>, counts: &[i64], num_merges: usize) -> 
         .map(|(&pair, &count)| MergeJob { count, pair })
         .collect();
     let mut merges: Vec<(Pair, u32)> = Vec::with_capacity(num_merges);
+    let mut deltas: Vec<(Pair, i64)> = Vec::with_capacity(64);
+    let mut touched: Vec<Pair> = Vec::new();
     while merges.len() < num_merges {
         let Some(top) = heap.pop() else { break };
         let live = *pair_counts.get(&top.pair).unwrap_or(&0);
@@ -156,38 +225,119 @@ pub fn train_merges(mut words: Vec<Word>, counts: &[i64], num_merges: usize) -> 
         merges.push((top.pair, new_id));
 
         let word_indices = where_found.remove(&top.pair).unwrap_or_default();
-        let mut touched: AHashSet<Pair> = AHashSet::new();
+        touched.clear();
         for &wi in &word_indices {
-            let wi_usize = wi as usize;
-            let weight = counts[wi_usize];
-            for (pair, delta) in words[wi_usize].merge_pair(top.pair, new_id) {
-                *pair_counts.entry(pair).or_default() += delta * weight;
+            let i = wi as usize;
+            let start = words.starts[i];
+            let len = words.lens[i] as usize;
+            deltas.clear();
+            words.lens[i] = merge_in_place(&mut words.ids[start..start + len], top.pair, new_id, &mut deltas) as u32;
+            let weight = counts[i];
+            for &(pair, delta) in &deltas {
+                let count = pair_counts.entry(pair).or_default();
+                *count += delta * weight;
                 if delta > 0 {
-                    where_found.entry(pair).or_insert_with(AHashSet::new).insert(wi);
-                    touched.insert(pair);
+                    let list = where_found.entry(pair).or_default();
+                    if list.is_empty() {
+                        // every pair that gains occurrences contains new_id, so it is new: first touch
+                        touched.push(pair);
+                    }
+                    push_word(list, wi);
+                } else if *count == 0 {
+                    // gone from every word: its word list is all stale, free it now
+                    pair_counts.remove(&pair);
+                    where_found.remove(&pair);
                 }
             }
         }
         pair_counts.remove(&top.pair);
-        // every pair that gained occurrences contains new_id, so it is new: push it once, with its final count
-        for pair in touched {
-            let count = *pair_counts.get(&pair).unwrap_or(&0);
+        // push each new pair once, with its final count; trim the lists' doubling slack (memory)
+        for pair in &touched {
+            let count = *pair_counts.get(pair).unwrap_or(&0);
             if count > 0 {
-                heap.push(MergeJob { count, pair });
+                heap.push(MergeJob { count, pair: *pair });
+            }
+            if let Some(list) = where_found.get_mut(pair) {
+                list.shrink_to_fit();
             }
         }
     }
     merges
 }
 
-/// Split texts with the regex and count unique chunks, in parallel.
-fn count_chunks(regex: &Regex, texts: &[String]) -> Result<AHashMap<CompactString, i64>, String> {
+/// GPT-4's own split pattern (digits 1-3): the other pattern `Splitter` knows how to run fast.
+pub const GPT4_PATTERN_DIGITS_1_3: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
+
+/// Splits text into chunks with the split pattern. For the GPT-4-style patterns it runs an equivalent
+/// pattern without lookahead or possessive quantifiers, which fancy-regex hands whole to the regex
+/// crate's DFA (several times faster than its backtracking VM):
+/// - `?+` and `++` are possessive only where giving a character back could never lead to a match
+///   (the next item can't match what they consumed), so plain `?` and `+` match the same;
+/// - `\s+(?!\S)|\s+` becomes `\s+`, and a whitespace run that it matches (the only way a match can end
+///   in whitespace other than \r or \n) gives its last character back when more than one character
+///   long and followed by text: exactly what the lookahead does (that char then starts the next chunk).
+/// Any other pattern runs as given through fancy-regex.
+#[derive(Clone, Debug)]
+pub struct Splitter {
+    regex: Regex,
+    emulate_lookahead: bool,
+}
+
+impl Splitter {
+    pub fn new(pattern: &str) -> Result<Self, String> {
+        let compile = |p: &str| Regex::new(p).map_err(|e| format!("invalid split pattern {pattern:?}: {e}"));
+        if pattern == GPT4_PATTERN || pattern == GPT4_PATTERN_DIGITS_1_3 {
+            let simple = pattern.replace("?+", "?").replace("++", "+").replace(r"|\s+(?!\S)|\s+", r"|\s+");
+            return Ok(Splitter { regex: compile(&simple)?, emulate_lookahead: true });
+        }
+        Ok(Splitter { regex: compile(pattern)?, emulate_lookahead: false })
+    }
+
+    /// Call `f` on every chunk of `text`, in order.
+    pub fn for_each_chunk<'t>(&self, text: &'t str, mut f: impl FnMut(&'t str)) -> Result<(), String> {
+        let to_error = |e: fancy_regex::Error| format!("regex failed while splitting text: {e}");
+        if !self.emulate_lookahead {
+            for m in self.regex.find_iter(text) {
+                f(m.map_err(to_error)?.as_str());
+            }
+            return Ok(());
+        }
+        let mut pos = 0;
+        while pos < text.len() {
+            let Some(m) = self.regex.find_from_pos(text, pos).map_err(to_error)? else { break };
+            let (start, mut end) = (m.start(), m.end());
+            if end < text.len() {
+                let mut chars = text[start..end].chars();
+                let last = chars.next_back();
+                let is_run = matches!(last, Some(c) if c.is_whitespace() && c != '\r' && c != '\n');
+                if is_run && chars.next().is_some() {
+                    end -= last.unwrap().len_utf8();
+                }
+            }
+            f(&text[start..end]);
+            pos = end;
+        }
+        Ok(())
+    }
+}
+
+/// Split texts and count unique chunks, in parallel: one contiguous slice of texts per task, each with
+/// its own clone of the regex (a shared one made the threads contend for its scratch-space pool).
+fn count_chunks(splitter: &Splitter, texts: &[String]) -> Result<AHashMap<CompactString, i64>, String> {
+    let tasks = rayon::current_num_threads() * 4;
+    let per_task = texts.len().div_ceil(tasks).max(1);
     texts
-        .par_iter()
-        .try_fold(AHashMap::new, |mut local: AHashMap<CompactString, i64>, text| {
-            for m in regex.find_iter(text) {
-                let m = m.map_err(|e| format!("regex failed while splitting text: {e}"))?;
-                *local.entry(CompactString::from(m.as_str())).or_default() += 1;
+        .par_chunks(per_task)
+        .map(|slice| {
+            let splitter = splitter.clone();
+            let mut local: AHashMap<CompactString, i64> = AHashMap::new();
+            for text in slice {
+                splitter.for_each_chunk(text, |chunk| match local.get_mut(chunk) {
+                    Some(count) => *count += 1, // no key built for the common case: a chunk seen before
+                    None => {
+                        local.insert(CompactString::from(chunk), 1);
+                    }
+                })?;
             }
             Ok(local)
         })
@@ -218,17 +368,14 @@ fn encode_chunk(bytes: &[u8], ranks: &AHashMap<Pair, u32>, out: &mut Vec<u32>) {
     out.extend_from_slice(&word.ids);
 }
 
-fn encode_text(regex: &Regex, ranks: &AHashMap<Pair, u32>, text: &str) -> Result<Vec<u32>, String> {
+fn encode_text(splitter: &Splitter, ranks: &AHashMap<Pair, u32>, text: &str) -> Result<Vec<u32>, String> {
     let mut out = Vec::with_capacity(text.len() / 3);
-    for m in regex.find_iter(text) {
-        let m = m.map_err(|e| format!("regex failed while splitting text: {e}"))?;
-        encode_chunk(m.as_str().as_bytes(), ranks, &mut out);
-    }
+    splitter.for_each_chunk(text, |chunk| encode_chunk(chunk.as_bytes(), ranks, &mut out))?;
     Ok(out)
 }
 
-fn compile_pattern(pattern: &str) -> PyResult<Regex> {
-    Regex::new(pattern).map_err(|e| PyValueError::new_err(format!("invalid split pattern {pattern:?}: {e}")))
+fn compile_pattern(pattern: &str) -> PyResult<Splitter> {
+    Splitter::new(pattern).map_err(PyValueError::new_err)
 }
 
 /// Byte-level BPE tokenizer: train merges, export them, encode.
@@ -237,7 +384,7 @@ pub struct Tokenizer {
     merges: Vec<(Pair, u32)>,
     ranks: AHashMap<Pair, u32>,
     pattern: String,
-    regex: Regex,
+    regex: Splitter,
 }
 
 #[pymethods]
@@ -301,13 +448,22 @@ impl Tokenizer {
 
         let num_merges = vocab_size - 256;
         let merges = py.detach(move || {
-            let mut words = Vec::with_capacity(chunk_counts.len());
+            // straight into the flat layout: no per-word Vec in between (peak memory)
+            let total_bytes: usize = chunk_counts.keys().map(|chunk| chunk.len()).sum();
+            let mut words = FlatWords {
+                ids: Vec::with_capacity(total_bytes),
+                starts: Vec::with_capacity(chunk_counts.len()),
+                lens: Vec::with_capacity(chunk_counts.len()),
+            };
             let mut counts = Vec::with_capacity(chunk_counts.len());
+            let mut ids: Vec<u32> = Vec::new();
             for (chunk, count) in chunk_counts {
-                words.push(Word::new(chunk.as_bytes().iter().map(|&b| b as u32).collect()));
+                ids.clear();
+                ids.extend(chunk.as_bytes().iter().map(|&b| b as u32));
+                words.push(&ids);
                 counts.push(count);
             }
-            train_merges(words, &counts, num_merges)
+            train_flat(words, &counts, num_merges)
         });
         if merges.len() < num_merges {
             let message = format!(
@@ -414,11 +570,62 @@ mod tests {
 
     #[test]
     fn chunk_counts_survive_the_parallel_reduce() {
-        let regex = Regex::new(GPT4_PATTERN).unwrap();
+        let regex = Splitter::new(GPT4_PATTERN).unwrap();
         let texts: Vec<String> = (0..200).map(|i| format!("word{} common words here", i % 7)).collect();
         let counts = count_chunks(&regex, &texts).unwrap();
         assert_eq!(counts.get(" common"), Some(&200));
         assert_eq!(counts.values().sum::<i64>(), 200 * 5);
+    }
+
+    /// Small deterministic generator (no extra dev-dependency for random tests).
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((self.0 >> 33) as usize) % n
+        }
+    }
+
+    #[test]
+    fn fast_splitter_equals_fancy_regex() {
+        // whitespace of every kind next to letters, digits, punctuation, newlines and multi-byte chars
+        let alphabet = [
+            " ", "  ", "\t", "\n", "\r", "\r\n", "\u{a0}", "\u{3000}", "\u{2028}", "\u{85}", "a", "Z", "s", "t", "ll",
+            "ve", "RE", "'", "é", "日本", "\u{301}", "1", "23", "٣", "½", "!", ".", "--", "_", "🙂", "\u{200d}", "x",
+        ];
+        let mut rng = Lcg(42);
+        let mut texts: Vec<String> = vec![
+            "".into(), " ".into(), "   ".into(), "a   b".into(), "a   \n  b  ".into(), "x \t\u{3000}5".into(),
+            "hello world  \n\n  foo's bar!!\r\n 12345 ".into(), "\u{a0}\u{a0}word".into(),
+        ];
+        for _ in 0..20_000 {
+            let len = rng.below(24);
+            texts.push((0..len).map(|_| alphabet[rng.below(alphabet.len())]).collect());
+        }
+        for pattern in [GPT4_PATTERN, GPT4_PATTERN_DIGITS_1_3] {
+            let fast = Splitter::new(pattern).unwrap();
+            assert!(fast.emulate_lookahead);
+            let reference = Regex::new(pattern).unwrap();
+            for text in &texts {
+                let want: Vec<&str> = reference.find_iter(text).map(|m| m.unwrap().as_str()).collect();
+                let mut got: Vec<&str> = Vec::new();
+                fast.for_each_chunk(text, |chunk| got.push(chunk)).unwrap();
+                assert_eq!(got, want, "split differs for {text:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn incremental_training_equals_naive_on_random_words() {
+        // a 3-letter alphabet makes long runs, overlaps and ties: the hard cases for the bookkeeping
+        let mut rng = Lcg(7);
+        let texts: Vec<String> = (0..300).map(|_| (0..rng.below(14)).map(|_| ["a", "b", "c"][rng.below(3)]).collect()).collect();
+        let words: Vec<Word> = texts.iter().map(|t| Word::new(t.bytes().map(|b| b as u32).collect())).collect();
+        let counts: Vec<i64> = (0..words.len()).map(|_| 1 + rng.below(5) as i64).collect();
+        let fast = train_merges(words.clone(), &counts, 80);
+        let slow = naive_train(words, &counts, 80);
+        assert_eq!(fast, slow);
     }
 
     #[test]
@@ -454,7 +661,7 @@ mod tests {
 
     #[test]
     fn encode_round_trips_training_text() {
-        let regex = Regex::new(GPT4_PATTERN).unwrap();
+        let regex = Splitter::new(GPT4_PATTERN).unwrap();
         let texts = vec!["hello hello world 123456 naïve 日本語 🙂🙂".to_string()];
         let counts_map = count_chunks(&regex, &texts).unwrap();
         let mut words = Vec::new();
