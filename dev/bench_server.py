@@ -1,0 +1,126 @@
+"""
+Web server under load: N concurrent streaming clients on loopback, each sending R requests.
+Reports throughput (requests/s, generated tokens/s) and time-to-first-token p50/p99, with 1 client
+as the baseline in the same run. Load is bounded: every client waits for its reply before the next.
+
+    python -m dev.bench_server                      # starts its own server on a tiny random model
+    python -m dev.bench_server --url http://127.0.0.1:8000 --clients 1,4,16   # an already running server
+
+Without --url it writes a random checkpoint (depth --depth) and tokenizer into a temp
+NANOCHAT_BASE_DIR and starts `scripts.chat_web` on a free port.
+"""
+import argparse
+import asyncio
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+parser = argparse.ArgumentParser(description="chat_web throughput and first-token latency")
+parser.add_argument("--url", type=str, default=None, help="benchmark this running server instead of starting one")
+parser.add_argument("--clients", type=str, default="1,4,8", help="comma-separated concurrent client counts")
+parser.add_argument("--requests-per-client", type=int, default=4, help="requests each client sends, one after another")
+parser.add_argument("--max-tokens", type=int, default=64, help="tokens per reply")
+parser.add_argument("--depth", type=int, default=2, help="depth of the random model the self-started server uses")
+parser.add_argument("--threads", type=int, default=2, help="torch threads of the self-started server")
+args = parser.parse_args()
+
+
+def start_server():
+    import torch
+    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat.gpt import GPT, model_config_from_depth
+    from nanochat.tokenizer import RustBPETokenizer
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from conftest import sample_texts  # the same real text the tests train their tokenizer on
+
+    base_dir = tempfile.mkdtemp(prefix="nanochat_bench_server_")
+    tokenizer = RustBPETokenizer.train_from_iterator(iter(sample_texts()), vocab_size=2048)
+    tokenizer.save(os.path.join(base_dir, "tokenizer"))
+    config = model_config_from_depth(args.depth, tokenizer.get_vocab_size(), sequence_len=1024)
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+        for name in tokenizer.get_special_tokens():  # replies run to max_tokens, so every request costs the same
+            model.lm_head.weight[tokenizer.encode_special(name)] = 0.0
+    save_checkpoint(os.path.join(base_dir, "chatsft_checkpoints", f"d{args.depth}"), 1, model.state_dict(), None,
+                    {"model_config": dataclasses.asdict(config)})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "NANOCHAT_BASE_DIR": base_dir}
+    process = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--host", "127.0.0.1", "--port", str(port),
+                                "--device-type", "cpu", "--threads", str(args.threads), "--queue-size", "1000"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return url, process
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit("the server did not start in 60 s")
+
+
+async def one_request(client, url):
+    body = {"messages": [{"role": "user", "content": "Tell me about the sea."}], "max_tokens": args.max_tokens,
+            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first_token, tokens = None, 0
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if '"content": "' in line and '"content": ""' not in line and first_token is None:
+                first_token = time.perf_counter() - t0
+            if '"usage": {' in line:
+                tokens = int(line.split('"completion_tokens": ')[1].split(",")[0])
+    return first_token or (time.perf_counter() - t0), tokens
+
+
+async def run_load(url, num_clients):
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=num_clients + 4)) as client:
+        async def client_loop():
+            return [await one_request(client, url) for _ in range(args.requests_per_client)]
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(client_loop() for _ in range(num_clients)))
+        elapsed = time.perf_counter() - t0
+    flat = [r for client_results in results for r in client_results]
+    latencies = sorted(r[0] for r in flat)
+    percentile = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+    return {"requests_per_s": len(flat) / elapsed, "tokens_per_s": sum(r[1] for r in flat) / elapsed,
+            "p50_ms": 1000 * percentile(0.50), "p99_ms": 1000 * percentile(0.99), "requests": len(flat)}
+
+
+def main():
+    process = None
+    url = args.url
+    if url is None:
+        url, process = start_server()
+    try:
+        workers = httpx.get(url + "/stats").json()["workers_total"]
+        print(f"server {url}, {workers} worker(s), {args.max_tokens} tokens per reply, {args.requests_per_client} requests per client")
+        asyncio.run(run_load(url, 1))  # warm-up
+        baseline = None
+        for num_clients in [int(c) for c in args.clients.split(",")]:
+            result = asyncio.run(run_load(url, num_clients))
+            baseline = baseline or result
+            print(f"{num_clients:3d} clients: {result['requests_per_s']:6.2f} req/s  {result['tokens_per_s']:8.1f} tok/s "
+                  f"({result['tokens_per_s'] / baseline['tokens_per_s']:.2f}x the 1-client rate)  "
+                  f"first token p50 {result['p50_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms  ({result['requests']} requests)", flush=True)
+        stats = httpx.get(url + "/stats").json()
+        print(f"server stats: {stats}")
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
