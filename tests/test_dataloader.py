@@ -5,6 +5,9 @@ the exact documents; the real tokenizer is exercised on the embedded sample.
 """
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -219,3 +222,41 @@ def test_real_tokenizer_on_the_embedded_sample(tiny_tokenizer, monkeypatch):
     val_docs = all_docs(None, "val")
     assert len(first_piece) > 20 and any(doc.startswith(first_piece[:40]) for doc in val_docs)
     assert_same_batches(take(make(state), 3), expected)
+
+
+TORCHRUN_SCRIPT = '''
+import json, sys
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[3])
+from test_dataloader import ByteTokenizer, rows_of, segments
+from nanochat.common import compute_init, compute_cleanup
+from nanochat.dataloader import PretrainLoader
+
+_, rank, _, world_size, _ = compute_init("cpu")
+loader = PretrainLoader(ByteTokenizer(), 2, 31, "train", buffer_size=4, data_dir=sys.argv[1])  # rank, world size from torchrun
+ids = set()
+for _ in range(6):
+    for row in rows_of(next(loader)):
+        ids.update(piece[:piece.index(">") + 1] for piece in segments(row) if ">" in piece)
+gathered = [None] * world_size
+dist.all_gather_object(gathered, (loader.rank, loader.world_size, sorted(ids)))
+if rank == 0:
+    with open(sys.argv[2], "w") as f:
+        json.dump(gathered, f)
+compute_cleanup()
+'''
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_read_disjoint_documents(data_dir, tmp_path):
+    script, result = tmp_path / "ranks.py", tmp_path / "ranks.json"
+    script.write_text(TORCHRUN_SCRIPT)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), data_dir, str(result), tests_dir],
+                          cwd=os.path.dirname(tests_dir), env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (rank0, world0, ids0), (rank1, world1, ids1) = json.loads(result.read_text())
+    assert (rank0, world0, rank1, world1) == (0, 2, 1, 2)
+    assert ids0 and ids1 and not set(ids0) & set(ids1)
