@@ -196,6 +196,11 @@ def download_shards(indices, data_dir=None, base_url=None, num_workers=4, max_at
     data_dir = data_dir or DATA_DIR
     base_url = (base_url or BASE_URL).rstrip("/")
     os.makedirs(data_dir, exist_ok=True)
+    stale = [f for f in os.listdir(data_dir) if f.startswith("shard_") and ".parquet.tmp" in f]
+    if stale:  # partial downloads of a run that was killed; they are never read, only in the way
+        print(f"removing {len(stale)} partial download(s) left by an interrupted run")
+        for f in stale:
+            os.remove(os.path.join(data_dir, f))
     failures, counts = {}, {"downloaded": 0, "skipped": 0}
     with ThreadPoolExecutor(max_workers=num_workers) as pool:
         futures = {pool.submit(download_shard, i, data_dir, base_url, max_attempts, retry_delay): i for i in indices}

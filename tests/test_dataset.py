@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -119,12 +120,14 @@ def test_truncated_shard_is_named_in_the_error(tmp_path, no_sample_override):
 class ShardServer:
     """
     Serves shard_XXXXX.parquet on 127.0.0.1. script[name] is a list of what to do on successive requests:
-    "ok", "500", "404", "disconnect" (announce the full length, send half, hang up). Past the end of the
+    "ok", "500", "404", "disconnect" (announce the full length, send half, hang up),
+    "stall" (send half, then hang). Past the end of the
     list it answers "ok". Every request is counted in hits[name].
     """
 
     def __init__(self, num_docs=12):
         self.script, self.hits, self.num_docs = {}, {}, num_docs
+        self.stop = threading.Event()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -140,6 +143,11 @@ class ShardServer:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                if action == "stall":  # half the file, then nothing until the test ends
+                    self.wfile.write(body[:len(body) // 2])
+                    self.wfile.flush()
+                    server.stop.wait(60)
+                    return
                 if action == "disconnect":
                     self.wfile.write(body[:len(body) // 2])
                     self.wfile.flush()
@@ -156,6 +164,7 @@ class ShardServer:
         self.thread.start()
 
     def close(self):
+        self.stop.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -229,3 +238,24 @@ def test_cli_reports_an_unreachable_host_clearly(tmp_path):
     assert "unreachable" in result.stderr and "NANOCHAT_DATA_URL" in result.stderr
     assert "Traceback" not in result.stderr
     assert os.listdir(tmp_path / "base_data") == []
+
+
+@pytest.mark.slow
+def test_killed_download_leaves_no_file_that_looks_finished(tmp_path, server):
+    server.script = {shard_name(0): ["stall"]}
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), NANOCHAT_DATA_URL=server.url, NANOCHAT_MAX_SHARD="5")
+    proc = subprocess.Popen([sys.executable, "-m", "nanochat.dataset", "-n", "1", "-w", "1"], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    data_dir = tmp_path / "base_data"
+    deadline = time.time() + 60
+    while not (data_dir.exists() and any(".tmp" in f for f in os.listdir(data_dir))):  # mid-transfer
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert shard_name(0) not in os.listdir(data_dir)
+    assert list_parquet_files(str(data_dir))[0].startswith(SAMPLE_DIR)  # the partial file is never used
+    # the next run cleans up and finishes the job
+    result = run_cli(["-n", "1", "--retry-delay", "0.01"], tmp_path, server.url)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(data_dir)) == [shard_name(0), shard_name(5)]
