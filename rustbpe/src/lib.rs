@@ -269,52 +269,60 @@ fn train_flat(mut words: FlatWords, counts: &[i64], num_merges: usize) -> Vec<(P
 pub const GPT4_PATTERN_DIGITS_1_3: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
 
 /// Splits text into chunks with the split pattern. For the GPT-4-style patterns it runs an equivalent
-/// pattern without lookahead or possessive quantifiers, which fancy-regex hands whole to the regex
-/// crate's DFA (several times faster than its backtracking VM):
+/// pattern without lookahead or possessive quantifiers straight on the regex crate's lazy DFA (several
+/// times faster than fancy-regex's backtracking VM):
 /// - `?+` and `++` are possessive only where giving a character back could never lead to a match
 ///   (the next item can't match what they consumed), so plain `?` and `+` match the same;
 /// - `\s+(?!\S)|\s+` becomes `\s+`, and a whitespace run that it matches (the only way a match can end
 ///   in whitespace other than \r or \n) gives its last character back when more than one character
-///   long and followed by text: exactly what the lookahead does (that char then starts the next chunk).
+///   long and followed by text: exactly what the lookahead does (that char then starts the next chunk);
+/// - every character is matched by some branch, so each chunk starts where the previous one ended: the
+///   search is anchored there, which spares the DFA its reverse pass to find where a match starts.
 /// Any other pattern runs as given through fancy-regex.
 #[derive(Clone, Debug)]
-pub struct Splitter {
-    regex: Regex,
-    emulate_lookahead: bool,
+pub enum Splitter {
+    Fast(regex_automata::meta::Regex),
+    General(Regex),
 }
 
 impl Splitter {
     pub fn new(pattern: &str) -> Result<Self, String> {
-        let compile = |p: &str| Regex::new(p).map_err(|e| format!("invalid split pattern {pattern:?}: {e}"));
         if pattern == GPT4_PATTERN || pattern == GPT4_PATTERN_DIGITS_1_3 {
             let simple = pattern.replace("?+", "?").replace("++", "+").replace(r"|\s+(?!\S)|\s+", r"|\s+");
-            return Ok(Splitter { regex: compile(&simple)?, emulate_lookahead: true });
+            let regex = regex_automata::meta::Regex::new(&simple).map_err(|e| format!("invalid split pattern {simple:?}: {e}"))?;
+            return Ok(Splitter::Fast(regex));
         }
-        Ok(Splitter { regex: compile(pattern)?, emulate_lookahead: false })
+        Regex::new(pattern).map(Splitter::General).map_err(|e| format!("invalid split pattern {pattern:?}: {e}"))
     }
 
     /// Call `f` on every chunk of `text`, in order.
     pub fn for_each_chunk<'t>(&self, text: &'t str, mut f: impl FnMut(&'t str)) -> Result<(), String> {
-        let to_error = |e: fancy_regex::Error| format!("regex failed while splitting text: {e}");
-        if !self.emulate_lookahead {
-            for m in self.regex.find_iter(text) {
-                f(m.map_err(to_error)?.as_str());
+        let regex = match self {
+            Splitter::General(regex) => {
+                for m in regex.find_iter(text) {
+                    f(m.map_err(|e| format!("regex failed while splitting text: {e}"))?.as_str());
+                }
+                return Ok(());
             }
-            return Ok(());
-        }
+            Splitter::Fast(regex) => regex,
+        };
+        let mut input = regex_automata::Input::new(text).anchored(regex_automata::Anchored::Yes);
         let mut pos = 0;
         while pos < text.len() {
-            let Some(m) = self.regex.find_from_pos(text, pos).map_err(to_error)? else { break };
-            let (start, mut end) = (m.start(), m.end());
+            input.set_start(pos);
+            let Some(m) = regex.search(&input) else {
+                return Err(format!("split pattern matched nothing at byte {pos} of a text (a bug in the fast split path)"));
+            };
+            let mut end = m.end();
             if end < text.len() {
-                let mut chars = text[start..end].chars();
+                let mut chars = text[pos..end].chars();
                 let last = chars.next_back();
                 let is_run = matches!(last, Some(c) if c.is_whitespace() && c != '\r' && c != '\n');
                 if is_run && chars.next().is_some() {
                     end -= last.unwrap().len_utf8();
                 }
             }
-            f(&text[start..end]);
+            f(&text[pos..end]);
             pos = end;
         }
         Ok(())
@@ -605,7 +613,7 @@ mod tests {
         }
         for pattern in [GPT4_PATTERN, GPT4_PATTERN_DIGITS_1_3] {
             let fast = Splitter::new(pattern).unwrap();
-            assert!(fast.emulate_lookahead);
+            assert!(matches!(fast, Splitter::Fast(_)));
             let reference = Regex::new(pattern).unwrap();
             for text in &texts {
                 let want: Vec<&str> = reference.find_iter(text).map(|m| m.unwrap().as_str()).collect();
