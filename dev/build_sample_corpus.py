@@ -21,7 +21,6 @@ all sources are shuffled together; the validation file gets the first --val-docs
 document text appears in both files. Output is deterministic for a given --seed and inputs.
 """
 import argparse
-import glob
 import gzip
 import json
 import os

@@ -66,7 +66,8 @@ class PretrainLoader:
             if self.documents_this_epoch == 0:  # a whole pass gave nothing: looping again would spin forever
                 raise RuntimeError(
                     f"rank {self.rank} of {self.world_size} got no data from the {self.split!r} split "
-                    f"({', '.join(self.file_names)}): the files hold no documents or fewer row groups than ranks. "
+                    f"({len(self.file_names)} file(s) from {self.file_names[0]}): they hold no documents, or fewer row groups "
+                    f"than there are ranks. "
                     f"Download more shards, or run on fewer ranks")
             self.epoch += 1
             self.cursor, self.stream, self.documents_this_epoch = None, None, 0
