@@ -7,6 +7,9 @@ import pytest
 
 from test_chat_web import save_tiny_model
 
+# every test here talks to a real subprocess that imports torch and loads a model (seconds each)
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -24,14 +27,12 @@ def run_cli(base_dir, args, stdin=""):
     return process.returncode, process.stdout.decode("utf-8"), process.stderr.decode("utf-8")  # strict: no half characters
 
 
-@pytest.mark.slow
 def test_one_shot_prompt(cli_base_dir):
     code, out, err = run_cli(cli_base_dir, ["-p", "Hello there", "-t", "0", "--max-tokens", "12"])
     assert code == 0, err
     assert out.strip(), "a reply is printed"
 
 
-@pytest.mark.slow
 def test_interactive_keeps_the_conversation_until_clear(cli_base_dir):
     stdin = "hello\nhello\nclear\nhello\nquit\nnever asked\n"
     code, out, err = run_cli(cli_base_dir, ["-t", "0", "--max-tokens", "12"], stdin)

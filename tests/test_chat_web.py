@@ -22,6 +22,9 @@ import torch
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 
+# every test here talks to a real subprocess that imports torch and loads a model (seconds each)
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -193,7 +196,6 @@ def test_page_endpoint_streams_tokens(server):
     assert events[-1]["done"] is True and events[-1]["finish_reason"] == "length"
 
 
-@pytest.mark.slow
 def test_disconnect_frees_the_worker_and_full_queue_gives_503(server):
     url = server["url"]
     wait_until_idle(url)
@@ -323,7 +325,6 @@ class Chromium:
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs the Debian package chromium (apt-get install -y chromium)")
 def test_chat_page_in_headless_chromium(server, tmp_path):
     browser = Chromium(CHROMIUM, tmp_path / "profile")
