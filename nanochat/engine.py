@@ -290,3 +290,24 @@ def tool_call_display(tokenizer):
     special = tokenizer.encode_special
     return {special("<|python_start|>"): "\n```python\n", special("<|python_end|>"): "\n```\n",
             special("<|output_start|>"): "```output\n", special("<|output_end|>"): "\n```\n"}
+
+
+def assistant_parts(tokenizer, tokens):
+    """
+    A generated reply (token ids, without <|assistant_end|>) as assistant message content: a plain string,
+    or a list of {"type": "text"|"python"|"python_output", "text"} parts when it used the tool, so a
+    conversation fed back to the model renders exactly as it was generated.
+    """
+    kinds = {tokenizer.encode_special("<|python_start|>"): "python", tokenizer.encode_special("<|output_start|>"): "python_output"}
+    closers = {tokenizer.encode_special("<|python_end|>"), tokenizer.encode_special("<|output_end|>")}
+    parts, kind, current = [], "text", []
+    for token in tokens + [None]:
+        if token is None or token in kinds or token in closers:
+            if current or kind != "text":
+                parts.append({"type": kind, "text": tokenizer.decode(current)})
+            kind, current = kinds.get(token, "text"), []
+        else:
+            current.append(token)
+    if all(part["type"] == "text" for part in parts):
+        return "".join(part["text"] for part in parts)
+    return parts

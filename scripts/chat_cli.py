@@ -13,25 +13,23 @@ import sys
 import torch
 
 from nanochat.common import autodetect_device_type
-from nanochat.engine import Engine, IncrementalDecoder, tool_call_display
+from nanochat.engine import Engine, IncrementalDecoder, assistant_parts, tool_call_display
 
 
 def reply(engine, tokenizer, conversation, args):
-    """Stream one assistant reply to stdout and return its text."""
+    """Stream one assistant reply to stdout; returns it as message content (tool calls kept as parts)."""
     prompt = tokenizer.render_for_completion(conversation)
     decoder = IncrementalDecoder(tokenizer, special_text=tool_call_display(tokenizer))
-    pieces = []
+    tokens = []
     for token_column, _ in engine.generate(prompt, num_samples=1, max_tokens=args.max_tokens,
                                            temperature=args.temperature, top_k=args.top_k, seed=args.seed):
         token = token_column[0]
         if token == engine.assistant_end or token == engine.bos:
             break
-        piece = decoder.feed(token)
-        pieces.append(piece)
-        print(piece, end="", flush=True)
-    pieces.append(decoder.flush())
-    print(pieces[-1], flush=True)
-    return "".join(pieces)
+        tokens.append(token)
+        print(decoder.feed(token), end="", flush=True)
+    print(decoder.flush(), flush=True)
+    return assistant_parts(tokenizer, tokens)
 
 
 def main():

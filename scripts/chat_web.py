@@ -209,7 +209,8 @@ def start_generation(pool, worker, prompt_tokens, options):
     def produce():
         decoder = IncrementalDecoder(tokenizer, special_text=tool_call_display(tokenizer))
         finish_reason, generated, pending = "length", 0, ""
-        seed = options["seed"] if options["seed"] is not None else int.from_bytes(os.urandom(4), "little")
+        # OpenAI seeds may be negative; torch wants 0..2**64-1. No seed: a fresh random one per request.
+        seed = options["seed"] % 2**63 if options["seed"] is not None else int.from_bytes(os.urandom(4), "little")
         try:
             for token_column, _ in engine.generate(prompt_tokens, num_samples=1, max_tokens=options["max_tokens"],
                                                    temperature=options["temperature"], top_k=options["top_k"],
@@ -259,19 +260,23 @@ def build_app(pool, tokenizer, model_name, defaults, context_length):
 
     @app.get("/")
     async def root():
+        log_request("/", 200, time.perf_counter())
         with open(ui_path, encoding="utf-8") as f:
             return HTMLResponse(f.read())
 
     @app.get("/health")
     async def health():
+        log_request("/health", 200, time.perf_counter())
         return {"status": "ok", "model": model_name, "workers": len(pool.workers)}
 
     @app.get("/stats")
     async def stats():
+        log_request("/stats", 200, time.perf_counter())
         return pool.snapshot()
 
     @app.get("/v1/models")
     async def models():
+        log_request("/v1/models", 200, time.perf_counter())
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "nanochat"}]}
 
     async def prepare(request, path, started):

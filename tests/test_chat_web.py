@@ -144,6 +144,8 @@ def test_raw_stream_ends_with_done_and_stop_sequences_apply(server):
     # top_p and the top_k extension are accepted; top_k=1 is greedy
     body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 30, "temperature": 1.0, "top_k": 1, "top_p": 0.9}
     assert httpx.post(server["url"] + "/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] == full
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 3, "seed": -3, "max_completion_tokens": 2}
+    assert httpx.post(server["url"] + "/v1/chat/completions", json=body).json()["usage"]["completion_tokens"] == 2
 
 
 GOOD = [{"role": "user", "content": "hi"}]

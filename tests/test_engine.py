@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanochat.engine import Engine, IncrementalDecoder, KVCache, run_tool_call, sample_next_token
+from nanochat.engine import Engine, IncrementalDecoder, KVCache, assistant_parts, run_tool_call, sample_next_token
 from nanochat.gpt import GPT, GPTConfig
 
 torch.set_num_threads(1)
@@ -172,3 +172,17 @@ def test_incremental_decoder_never_emits_half_a_character(tiny_tokenizer):
     assert "".join(pieces) == text
     assert all("\ufffd" not in piece for piece in pieces)
     assert sum(1 for piece in pieces if piece == "") > 0, "multi-byte characters span several byte-level tokens"
+
+
+def test_assistant_parts_round_trip_a_tool_call(tiny_tokenizer):
+    special = tiny_tokenizer.encode_special
+    tokens = (tiny_tokenizer.encode("Let me count. ") + [special("<|python_start|>")] + tiny_tokenizer.encode("'aab'.count('a')")
+              + [special("<|python_end|>"), special("<|output_start|>")] + tiny_tokenizer.encode("2") + [special("<|output_end|>")]
+              + tiny_tokenizer.encode("Two."))
+    parts = assistant_parts(tiny_tokenizer, tokens)
+    assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]
+    assert parts[1]["text"] == "'aab'.count('a')" and parts[2]["text"] == "2"
+    conversation = [{"role": "user", "content": "q"}, {"role": "assistant", "content": parts}]
+    ids, _ = tiny_tokenizer.render_conversation(conversation)
+    assert ids[-len(tokens) - 1:-1] == tokens  # renders back to exactly the generated tokens
+    assert assistant_parts(tiny_tokenizer, tiny_tokenizer.encode("plain")) == "plain"
