@@ -20,35 +20,45 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 def zeropower_via_newtonschulz5(G, steps=5):
     """
     Approximately replace G = U S V^T by U V^T (singular values land in roughly [0.7, 1.2]).
+    G is one matrix [rows, cols] or a stack of same-shape matrices [n, rows, cols], done in one batch.
     bf16 on GPU where it is fast and good enough; fp32 on CPU where bf16 matmuls are ~80x slower.
     """
-    assert G.ndim == 2
+    assert G.ndim in (2, 3)
     a, b, c = NS_COEFFICIENTS
     X = G.bfloat16() if G.is_cuda else G.float()
-    transposed = X.size(0) > X.size(1)
+    X = X.unsqueeze(0) if G.ndim == 2 else X
+    transposed = X.size(1) > X.size(2)
     if transposed:
-        X = X.T  # iterate on the wide side: X @ X.T is the smaller square
-    X = X / (X.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1
+        X = X.mT  # iterate on the wide side: X @ X^T is the smaller square
+    X = X / (X.norm(dim=(1, 2), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
-        A = X @ X.T
-        B = b * A + c * A @ A
-        X = a * X + B @ X
+        A = X @ X.mT
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A in one call
+        X = torch.baddbmm(X, B, X, beta=a)  # a*X + B@X
     if transposed:
-        X = X.T
+        X = X.mT
+    X = X.squeeze(0) if G.ndim == 2 else X
     return X.to(G.dtype)
 
 
 def muon_update(grad, momentum_buffer, momentum, nesterov=True, ns_steps=5):
-    """Momentum, then orthogonalise, then scale so tall matrices get the same per-element update size as square ones."""
+    """
+    Momentum, then orthogonalise, then scale so tall matrices get the same per-element update size as
+    square ones. grad/momentum_buffer: one matrix or a stack of same-shape matrices; grad is overwritten.
+    """
     momentum_buffer.lerp_(grad, 1 - momentum)
-    update = grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
+    update = grad.lerp_(momentum_buffer, momentum) if nesterov else momentum_buffer
     update = zeropower_via_newtonschulz5(update, steps=ns_steps)
     shape_scale = max(1.0, grad.size(-2) / grad.size(-1)) ** 0.5
     return update * shape_scale
 
 
 class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton-schulz, single process. Only for 2-D parameters."""
+    """
+    MomentUm Orthogonalized by Newton-schulz, single process. Only for 2-D parameters.
+    Same-shape matrices are stacked and orthogonalised in one batch (a handful of big matmuls
+    instead of hundreds of small ones); their momentum lives in one stacked buffer per group.
+    """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
         params = list(params)
@@ -61,15 +71,13 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                update = muon_update(p.grad, state["momentum_buffer"], group["momentum"],
-                                     group["nesterov"], group["ns_steps"])
-                p.add_(update, alpha=-group["lr"])
+            params = group["params"]
+            grads = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+            state = self.state[params[0]]  # keyed on the group's first matrix: torch's state_dict wants a param key
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(grads)
+            updates = muon_update(grads, state["momentum_buffer"], group["momentum"], group["nesterov"], group["ns_steps"])
+            torch._foreach_add_(params, list(updates.unbind(0)), alpha=-group["lr"])
 
 
 class DistMuon(torch.optim.Optimizer):

@@ -32,8 +32,16 @@ def make_grads(step, rank, seed=100):
 
 @pytest.mark.parametrize("shape", [(64, 64), (256, 64), (64, 256)])
 def test_newton_schulz_is_close_to_orthogonal(shape):
-    G = torch.randn(shape) * 3.0
+    # a gradient-like matrix whose singular values spread over two decades (5 quintic steps lift
+    # anything above ~1/300 of the Frobenius norm; a random square matrix can have far smaller ones)
+    gen = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(shape[0], min(shape), generator=gen))
+    V, _ = torch.linalg.qr(torch.randn(shape[1], min(shape), generator=gen))
+    G = U @ torch.diag(torch.logspace(-2, 0, min(shape))) @ V.T * 3.0
     X = zeropower_via_newtonschulz5(G)
+    stacked = zeropower_via_newtonschulz5(torch.stack([G, 2 * G]))
+    torch.testing.assert_close(stacked[0], X)  # a batch gives each matrix's own result
+    torch.testing.assert_close(stacked[1], X, atol=1e-4, rtol=1e-4)  # and the scale of G does not matter
     singular_values = torch.linalg.svdvals(X)
     # the quintic iteration trades exactness for speed: all singular values end up near 1
     assert singular_values.min() > 0.5 and singular_values.max() < 1.3
@@ -45,7 +53,8 @@ def test_newton_schulz_is_close_to_orthogonal(shape):
 def test_muon_update_is_orthogonalised_momentum():
     p = torch.nn.Parameter(torch.zeros(32, 32))
     opt = Muon([p], lr=0.1, momentum=0.0, nesterov=False)
-    p.grad = torch.randn(32, 32)
+    U, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(1)))
+    p.grad = U @ torch.diag(torch.linspace(0.1, 2.0, 32)) @ U.T
     opt.step()
     update = -p.detach() / 0.1
     singular_values = torch.linalg.svdvals(update)

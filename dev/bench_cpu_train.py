@@ -1,0 +1,113 @@
+"""
+CPU training throughput: our GPT + Muon/AdamW against a plain PyTorch reference GPT of the same size
+(nanoGPT-style: learned positions, LayerNorm, GELU, fused qkv, plain cross-entropy, torch AdamW),
+measured in the same run, alternating, so a busy machine slows both alike.
+
+    python -m dev.bench_cpu_train                      # depth 4 and 6, seq 512, vocab 8192, batch 8, fp32
+    python -m dev.bench_cpu_train --depths 4 --rounds 3 --threads 2
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.gpt import GPT, model_config_from_depth
+
+
+class ReferenceBlock(nn.Module):
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.ln_1, self.ln_2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=False)
+        self.attn_proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
+        self.mlp_proj = nn.Linear(4 * n_embd, n_embd, bias=False)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).contiguous().view(B, T, C)
+        x = x + self.attn_proj(y)
+        return x + self.mlp_proj(F.gelu(self.fc(self.ln_2(x))))
+
+
+class ReferenceGPT(nn.Module):
+    def __init__(self, vocab_size, sequence_len, n_layer, n_head, n_embd):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab_size, n_embd), nn.Embedding(sequence_len, n_embd)
+        self.blocks = nn.ModuleList([ReferenceBlock(n_embd, n_head) for _ in range(n_layer)])
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        for p in self.parameters():
+            if p.ndim == 2:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1)))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+
+def make_step(model, optimizers, inputs, targets):
+    def step():
+        loss = model(inputs, targets)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        return loss.item()
+    return step
+
+
+def tokens_per_second(step, tokens, steps):
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return tokens * steps / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="CPU training tok/s: nanochat GPT vs a plain PyTorch GPT")
+    parser.add_argument("--depths", type=int, nargs="+", default=[4, 6], help="model depths to measure")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per row")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per step")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (median reported)")
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per timing round")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tokens = args.batch_size * args.seq_len
+    inputs = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len))
+    targets = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len))
+    print(f"threads {args.threads} | seq {args.seq_len} | batch {args.batch_size} | vocab {args.vocab_size} | fp32")
+    for depth in args.depths:
+        config = model_config_from_depth(depth, args.vocab_size, args.seq_len)
+        ours = GPT(config)
+        ours.init_weights()
+        ours_step = make_step(ours, ours.setup_optimizers(), inputs, targets)
+        reference = ReferenceGPT(args.vocab_size, args.seq_len, config.n_layer, config.n_head, config.n_embd)
+        reference_opt = torch.optim.AdamW(reference.parameters(), lr=3e-4)
+        reference_step = make_step(reference, [reference_opt], inputs, targets)
+        ours_step(), reference_step()  # warm up allocator and kernels
+        ours_rates, reference_rates = [], []
+        for _ in range(args.rounds):
+            ours_rates.append(tokens_per_second(ours_step, tokens, args.steps))
+            reference_rates.append(tokens_per_second(reference_step, tokens, args.steps))
+        ours_rate, reference_rate = statistics.median(ours_rates), statistics.median(reference_rates)
+        gflops = ours.estimate_flops() * ours_rate / 1e9
+        print(f"depth {depth} (width {config.n_embd}, {ours.num_params() / 1e6:.1f}M params): "
+              f"ours {ours_rate:,.0f} tok/s ({gflops:.0f} GFLOP/s) | reference {reference_rate:,.0f} tok/s | "
+              f"ratio {ours_rate / reference_rate:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
