@@ -6,14 +6,14 @@ path (nanochat.tokenizer.RustBPETokenizer) on 1 thread and batched.
 
     # once: the comparison trainers live in a throwaway venv (PyPI rustbpe has our module's name)
     uv venv /tmp/venv_pypi_rustbpe --python python3
-    uv pip install --python /tmp/venv_pypi_rustbpe/bin/python rustbpe tokenizers pyarrow
+    uv pip install --python /tmp/venv_pypi_rustbpe/bin/python rustbpe tokenizers
     # once: real text for the corpus (Debian doc packages)
     apt-get update && apt-get install -y linux-doc-6.1 python3.11-doc perl-doc postgresql-doc-15 python-django-doc
 
     .venv/bin/python -m dev.bench_tokenizer                        # vocab 32768 and 65536
     .venv/bin/python -m dev.bench_tokenizer --vocab-sizes 4096 --max-mb 20   # quick look
 
-Every trainer runs in its own subprocess so its peak RSS (from os.wait4) is its own. All three read the
+Every trainer runs in its own subprocess so its peak RSS (VmHWM, see own_peak_rss_mb) is its own. All three read the
 same cached corpus with the same document cap, in the same order.
 """
 import argparse
@@ -30,7 +30,7 @@ import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_DIR = os.path.join(REPO_ROOT, "nanochat", "sample_data")
-DEFAULT_CORPUS = os.path.join(os.path.expanduser("~"), ".cache", "nanochat", "bench_tokenizer_corpus.parquet")
+DEFAULT_CORPUS = os.path.join(os.path.expanduser("~"), ".cache", "nanochat", "bench_tokenizer_corpus.jsonl")
 DEFAULT_COMPARE_PYTHON = "/tmp/venv_pypi_rustbpe/bin/python"
 # nanochat.tokenizer.SPLIT_PATTERN, repeated here because the worker runs in the throwaway venv without nanochat
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -117,7 +117,6 @@ def debian_doc_files():
 
 
 def build_corpus(path, min_mb):
-    import pyarrow as pa
     import pyarrow.parquet as pq
     documents, sizes = [], {}
     for split in ("train", "val"):
@@ -140,9 +139,13 @@ def build_corpus(path, min_mb):
     if total_mb < min_mb:
         sys.exit(f"corpus is only {total_mb:.1f} MB (< {min_mb} MB): install the doc packages first:\n"
                  f"  apt-get update && apt-get install -y {APT_PACKAGES}")
+    # JSON lines, not parquet: reading it back costs the workers almost no memory (pyarrow's reader took
+    # ~150 MB), so peak RSS measures the trainer, not the file reader
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
-    pq.write_table(pa.table({"text": documents}), tmp, row_group_size=4096)
+    with open(tmp, "w", encoding="utf-8") as f:
+        for document in documents:
+            f.write(json.dumps(document) + "\n")
     os.replace(tmp, path)
 
 
@@ -151,11 +154,10 @@ def build_corpus(path, min_mb):
 
 def iterate_corpus(corpus, doc_cap, max_bytes):
     """Documents in file order, each capped at doc_cap characters, until max_bytes UTF-8 bytes are out."""
-    import pyarrow.parquet as pq
     seen = 0
-    for batch in pq.ParquetFile(corpus).iter_batches(columns=["text"], batch_size=4096):
-        for text in batch.column(0).to_pylist():
-            text = text[:doc_cap]
+    with open(corpus, encoding="utf-8") as f:
+        for line in f:
+            text = json.loads(line)[:doc_cap]
             seen += len(text.encode())
             yield text
             if seen >= max_bytes:
@@ -186,7 +188,20 @@ def run_worker(args):
         merges = None
         module = sys.modules["tokenizers"].__file__
     with open(args.result, "wb") as f:
-        pickle.dump({"seconds": seconds, "merges": merges, "module": module}, f)
+        pickle.dump({"seconds": seconds, "merges": merges, "module": module, "peak_rss_mb": own_peak_rss_mb()}, f)
+
+
+def own_peak_rss_mb():
+    """This process's peak RSS since exec (VmHWM). Not getrusage: on Linux a child's ru_maxrss starts at
+    its parent's RSS at fork time, which would put a floor under every worker's figure."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None  # no /proc (macOS): the driver falls back to the wait4 figure
 
 
 # -----------------------------------------------------------------------------
@@ -197,7 +212,7 @@ def corpus_bytes(corpus, doc_cap, max_bytes):
 
 
 def run_trainer(name, python, args, vocab_size, workdir):
-    """Train in a fresh subprocess; returns seconds and the child's own peak RSS (MB) and merges."""
+    """Train in a fresh subprocess; returns seconds, the child's own peak RSS (MB) and its merges."""
     result_path = os.path.join(workdir, f"{name}_{vocab_size}.pkl")
     command = [python, os.path.abspath(__file__), "--worker", name, "--vocab-size", str(vocab_size),
                "--corpus", args.corpus, "--doc-cap", str(args.doc_cap), "--max-mb", str(args.max_mb), "--result", result_path]
@@ -208,7 +223,7 @@ def run_trainer(name, python, args, vocab_size, workdir):
         sys.exit(f"{name} trainer failed (exit status {status}); command: {' '.join(command)}")
     with open(result_path, "rb") as f:
         result = pickle.load(f)
-    result["rss_mb"] = usage.ru_maxrss / 1024  # Linux reports KiB
+    result["rss_mb"] = result["peak_rss_mb"] or usage.ru_maxrss / 1024  # Linux reports KiB
     return result
 
 
@@ -247,7 +262,7 @@ def bench_encode(merges, args):
 def main():
     parser = argparse.ArgumentParser(description="BPE training benchmark: ours vs PyPI rustbpe vs HF tokenizers")
     parser.add_argument("--vocab-sizes", type=str, default="32768,65536", help="comma-separated vocab sizes (incl. the 256 bytes)")
-    parser.add_argument("--corpus", type=str, default=DEFAULT_CORPUS, help="cached corpus parquet (built when missing)")
+    parser.add_argument("--corpus", type=str, default=DEFAULT_CORPUS, help="cached corpus, JSON lines (built when missing)")
     parser.add_argument("--min-mb", type=float, default=100, help="refuse to build a corpus smaller than this")
     parser.add_argument("--max-mb", type=float, default=1e9, help="train on at most this many MB of the corpus")
     parser.add_argument("--doc-cap", type=int, default=10_000, help="truncate each document to this many characters (like tok_train)")
@@ -275,13 +290,13 @@ def main():
     if ("pypi" in trainers or "hf" in trainers) and not os.path.exists(args.compare_python):
         sys.exit(f"no comparison venv at {args.compare_python}; create it with:\n"
                  f"  uv venv /tmp/venv_pypi_rustbpe --python python3\n"
-                 f"  uv pip install --python /tmp/venv_pypi_rustbpe/bin/python rustbpe tokenizers pyarrow\n"
+                 f"  uv pip install --python /tmp/venv_pypi_rustbpe/bin/python rustbpe tokenizers\n"
                  f"or pass --trainers ours")
     if not os.path.exists(args.corpus):
         print(f"building the corpus at {args.corpus} (one time)")
         build_corpus(args.corpus, args.min_mb)
     megabytes = corpus_bytes(args.corpus, args.doc_cap, int(args.max_mb * 1e6)) / 1e6
-    print(f"corpus: {args.corpus}: {os.path.getsize(args.corpus) / 1e6:.1f} MB on disk; training on {megabytes:.1f} MB "
+    print(f"corpus: {args.corpus}: {os.path.getsize(args.corpus) / 1e6:.1f} MB as JSON lines; training on {megabytes:.1f} MB "
           f"(UTF-8) with documents capped at {args.doc_cap:,} chars; {os.cpu_count()} CPUs")
     pythons = {"ours": sys.executable, "pypi": args.compare_python, "hf": args.compare_python, "before": args.before_python}
     if args.before_python:
