@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from nanochat.engine import Engine, KVCache
+from nanochat.engine import Engine, prepare_for_inference
 from nanochat.gpt import GPT, model_config_from_depth
 
 parser = argparse.ArgumentParser(description="KV-cache decode benchmark")
@@ -55,9 +55,9 @@ model.init_weights()
 with torch.no_grad():
     for p in model.parameters():
         p.normal_(0, 0.02)
-model.eval()
+model = prepare_for_inference(model)  # bf16 weights on a GPU, as chat_cli/chat_web serve them
 num_params = model.num_params()
-weight_bytes = sum(p.numel() * (2 if device.type == "cuda" else p.element_size()) for p in model.parameters()
+weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
                    if p is not model.transformer.wte.weight)  # the embedding is a lookup: one row per token
 print(f"depth {args.depth}, width {config.n_embd}, vocab {args.vocab_size}, {num_params / 1e6:.1f}M params, "
       f"{weight_bytes / 1e6:.0f} MB of weights read per decode step, device {device}, threads {args.threads}")

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from nanochat.common import autodetect_device_type
-from nanochat.engine import Engine, IncrementalDecoder, assistant_parts, tool_call_display
+from nanochat.engine import Engine, IncrementalDecoder, assistant_parts, prepare_for_inference, tool_call_display
 
 
 def reply(engine, tokenizer, conversation, args):
@@ -57,7 +57,7 @@ def main():
         model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"cannot load the {args.source} model: {e}")
-    engine = Engine(model, tokenizer)
+    engine = Engine(prepare_for_inference(model), tokenizer)
 
     if args.prompt is not None:
         reply(engine, tokenizer, [{"role": "user", "content": args.prompt}], args)

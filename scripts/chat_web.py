@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from nanochat.common import autodetect_device_type, logger
-from nanochat.engine import Engine, IncrementalDecoder, tool_call_display
+from nanochat.engine import Engine, IncrementalDecoder, prepare_for_inference, tool_call_display
 
 # Limits on what one request may ask for: each violation is a 400 that names the limit.
 MAX_MESSAGES = 500
@@ -425,6 +425,7 @@ def load_workers(args):
     for index, device in enumerate(devices):
         try:
             model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+            model = prepare_for_inference(model)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"cannot load the {args.source} model: {e}")
         workers.append(Worker(index, model, tokenizer, device))
