@@ -13,8 +13,8 @@ path (nanochat.tokenizer.RustBPETokenizer) on 1 thread and batched.
     .venv/bin/python -m dev.bench_tokenizer                        # vocab 32768 and 65536
     .venv/bin/python -m dev.bench_tokenizer --vocab-sizes 4096 --max-mb 20   # quick look
 
-Every trainer runs in its own subprocess so its peak RSS (VmHWM, see own_peak_rss_mb) is its own. All three read the
-same cached corpus with the same document cap, in the same order.
+Every trainer runs in its own subprocess so its peak RSS (VmHWM, see own_peak_rss_mb) is its own. All
+read the same cached corpus with the same document cap, in the same order. Results: dev/BENCHMARKS.md.
 """
 import argparse
 import glob
@@ -277,6 +277,8 @@ def main():
     if args.worker:
         return run_worker(args)
 
+    if args.doc_cap <= 0 or args.max_mb <= 0 or args.encode_mb < 0:
+        parser.error("--doc-cap and --max-mb must be positive, --encode-mb at least 0")
     trainers = [name.strip() for name in args.trainers.split(",") if name.strip()]
     unknown = set(trainers) - {"ours", "pypi", "hf"}
     if unknown or "ours" not in trainers:
