@@ -301,7 +301,7 @@ def build_app(pool, tokenizer, model_name, defaults, context_length):
     def sse(payload):
         return f"data: {json.dumps(payload)}\n\n"
 
-    async def relay(events, cancel, request, on_text, on_end, path, started, fields):
+    async def relay(events, cancel, on_text, on_end, path, started, fields):
         """Yield what the generation thread produces; a client that goes away cancels it at once."""
         finish_reason, completion_tokens = "cancelled", 0
         try:
@@ -385,7 +385,7 @@ def build_app(pool, tokenizer, model_name, defaults, context_length):
 
         async def body():
             yield chunk({"role": "assistant", "content": ""})
-            async for piece in relay(events, cancel, request, lambda text: chunk({"content": text}), on_end,
+            async for piece in relay(events, cancel, lambda text: chunk({"content": text}), on_end,
                                      "/v1/chat/completions", started, fields):
                 yield piece
 
@@ -404,7 +404,7 @@ def build_app(pool, tokenizer, model_name, defaults, context_length):
         def on_end(finish_reason, completion_tokens):
             yield sse({"done": True, "finish_reason": finish_reason, "completion_tokens": completion_tokens})
 
-        body = relay(events, cancel, request, lambda text: sse({"token": text}), on_end, "/chat/completions", started, fields)
+        body = relay(events, cancel, lambda text: sse({"token": text}), on_end, "/chat/completions", started, fields)
         return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
