@@ -4,7 +4,11 @@ CPU training throughput: our GPT + Muon/AdamW against a plain PyTorch reference 
 measured in the same run, alternating, so a busy machine slows both alike.
 
     python -m dev.bench_cpu_train                      # depth 4 and 6, seq 512, vocab 8192, batch 8, fp32
-    python -m dev.bench_cpu_train --depths 4 --rounds 3 --threads 2
+    python -m dev.bench_cpu_train --depths 4 --rounds 3 --threads 2 --grad-accums 1
+
+Muon's Newton-Schulz costs the same per optimizer step whatever the batch, so with one step per
+4096-token batch it is a visible share of the step (more so as width grows); with accumulation it
+fades. Both settings are printed.
 """
 import argparse
 import statistics
@@ -55,10 +59,11 @@ class ReferenceGPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
 
-def make_step(model, optimizers, inputs, targets):
+def make_step(model, optimizers, inputs, targets, grad_accum):
     def step():
-        loss = model(inputs, targets)
-        loss.backward()
+        for _ in range(grad_accum):
+            loss = model(inputs, targets) / grad_accum
+            loss.backward()
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
@@ -67,10 +72,12 @@ def make_step(model, optimizers, inputs, targets):
 
 
 def tokens_per_second(step, tokens, steps):
-    start = time.perf_counter()
+    """-> (tokens per wall-clock second, tokens per CPU second of this process).
+    On a shared machine the second is steadier: time spent descheduled is not counted."""
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
-    return tokens * steps / (time.perf_counter() - start)
+    return tokens * steps / (time.perf_counter() - wall), tokens * steps / (time.process_time() - cpu)
 
 
 def main():
@@ -81,7 +88,9 @@ def main():
     parser.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (median reported)")
-    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per timing round")
+    parser.add_argument("--steps", type=int, default=1, help="optimizer steps per timing round")
+    parser.add_argument("--grad-accums", type=int, nargs="+", default=[1, 2],
+                        help="micro-batches per optimizer step to measure (the CPU speedrun profile uses 2: 8192 tokens per step)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -93,20 +102,24 @@ def main():
         config = model_config_from_depth(depth, args.vocab_size, args.seq_len)
         ours = GPT(config)
         ours.init_weights()
-        ours_step = make_step(ours, ours.setup_optimizers(), inputs, targets)
+        ours_optimizers = ours.setup_optimizers()
         reference = ReferenceGPT(args.vocab_size, args.seq_len, config.n_layer, config.n_head, config.n_embd)
-        reference_opt = torch.optim.AdamW(reference.parameters(), lr=3e-4)
-        reference_step = make_step(reference, [reference_opt], inputs, targets)
-        ours_step(), reference_step()  # warm up allocator and kernels
-        ours_rates, reference_rates = [], []
-        for _ in range(args.rounds):
-            ours_rates.append(tokens_per_second(ours_step, tokens, args.steps))
-            reference_rates.append(tokens_per_second(reference_step, tokens, args.steps))
-        ours_rate, reference_rate = statistics.median(ours_rates), statistics.median(reference_rates)
-        gflops = ours.estimate_flops() * ours_rate / 1e9
-        print(f"depth {depth} (width {config.n_embd}, {ours.num_params() / 1e6:.1f}M params): "
-              f"ours {ours_rate:,.0f} tok/s ({gflops:.0f} GFLOP/s) | reference {reference_rate:,.0f} tok/s | "
-              f"ratio {ours_rate / reference_rate:.2f}x")
+        reference_optimizers = [torch.optim.AdamW(reference.parameters(), lr=3e-4)]
+        for grad_accum in args.grad_accums:
+            ours_step = make_step(ours, ours_optimizers, inputs, targets, grad_accum)
+            reference_step = make_step(reference, reference_optimizers, inputs, targets, grad_accum)
+            ours_step(), reference_step()  # warm up allocator and kernels
+            ours_rates, reference_rates = [], []
+            for _ in range(args.rounds):
+                ours_rates.append(tokens_per_second(ours_step, tokens * grad_accum, args.steps))
+                reference_rates.append(tokens_per_second(reference_step, tokens * grad_accum, args.steps))
+            ours_rate, reference_rate = (statistics.median(r[0] for r in rates) for rates in (ours_rates, reference_rates))
+            ours_cpu, reference_cpu = (statistics.median(r[1] for r in rates) for rates in (ours_rates, reference_rates))
+            gflops = ours.estimate_flops() * ours_rate / 1e9
+            print(f"depth {depth} (width {config.n_embd}, {ours.num_params() / 1e6:.1f}M params), {grad_accum} micro-batch(es)/step: "
+                  f"ours {ours_rate:,.0f} tok/s ({gflops:.0f} GFLOP/s) | reference {reference_rate:,.0f} tok/s | "
+                  f"ratio {ours_rate / reference_rate:.2f}x | per CPU-second: ours {ours_cpu:,.0f}, reference {reference_cpu:,.0f}, "
+                  f"ratio {ours_cpu / reference_cpu:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -93,9 +93,25 @@ class Rotary(torch.autograd.Function):
 
 
 def _rotate(x, cos, sin):
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # keep bf16 activations bf16 under autocast (no-op in fp32)
     d = x.size(3) // 2
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat([torch.addcmul(x1 * cos, x2, sin), torch.addcmul(x2 * cos, x1, sin, value=-1)], dim=3)
+
+
+class ReluSquared(torch.autograd.Function):
+    """relu(x)^2 with its backward written out (2 passes instead of autograd's 4 over the 4x-wide MLP activations)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        relu = torch.relu(x)
+        ctx.save_for_backward(relu)
+        return relu * relu
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (relu,) = ctx.saved_tensors
+        return grad_y * relu * 2
 
 
 def norm(x):
@@ -166,9 +182,16 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache):
         B, T, C = x.size()
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if T > 1:
+            # one matmul for q, k and v (~5% faster CPU steps); the weights stay separate matrices,
+            # so Muon still orthogonalises each on its own
+            qkv = F.linear(x, torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight]))
+            q, k, v = qkv.split([self.c_q.out_features, self.c_k.out_features, self.c_v.out_features], dim=-1)
+        else:  # one-token decode: copying the weights together would cost more than the three matvecs
+            q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         if kv_cache is not None:
@@ -197,7 +220,9 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        h = self.c_fc(x)
+        h = ReluSquared.apply(h) if h.requires_grad and torch.is_grad_enabled() else F.relu(h).square()
+        return self.c_proj(h)
 
 
 class Block(nn.Module):

@@ -135,10 +135,10 @@ def test_meta_device_build_then_init():
 
 
 def test_hand_written_pieces_match_autograd_reference():
-    """The CPU fast paths (chunked soft-capped loss, RMSNorm, rotary) give the plain formulas' values and gradients."""
+    """The CPU fast paths (chunked soft-capped loss, RMSNorm, rotary, relu^2) give the plain formulas' values and gradients."""
     import torch.nn.functional as F
 
-    from nanochat.gpt import LOGIT_SOFTCAP, RMSNorm, Rotary, SoftcapCrossEntropy
+    from nanochat.gpt import LOGIT_SOFTCAP, ReluSquared, RMSNorm, Rotary, SoftcapCrossEntropy
 
     torch.manual_seed(0)
     x = torch.randn(300, 32, dtype=torch.float64, requires_grad=True)
@@ -159,3 +159,4 @@ def test_hand_written_pieces_match_autograd_reference():
     torch.testing.assert_close(RMSNorm.apply(y), F.rms_norm(y, (8,)))
     cos, sin = torch.randn(1, 5, 1, 4, dtype=torch.float64), torch.randn(1, 5, 1, 4, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda t: Rotary.apply(t, cos, sin), (y,))
+    assert torch.autograd.gradcheck(ReluSquared.apply, (y,))
