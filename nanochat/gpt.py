@@ -333,7 +333,8 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
         x = norm(x)
-        if targets is not None and loss_reduction == "mean" and x.device.type == "cpu" and torch.is_grad_enabled():
+        if (targets is not None and loss_reduction == "mean" and x.device.type == "cpu" and torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu")):  # the fast path is written for plain fp32
             return SoftcapCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
         logits = self.lm_head(x).float()
         # soft-cap keeps logits in [-15, 15]: stabilises training at no quality cost
