@@ -12,7 +12,6 @@ gradients themselves, each rank updates its shard, and all-gather the result.
 import argparse
 import dataclasses
 import os
-import time
 from contextlib import nullcontext
 
 import torch
@@ -221,12 +220,13 @@ for step in range(start_step, num_iterations + 1):
         break
 
     with timer:
+        train_loss = torch.zeros((), device=device)
         for micro_step in range(grad_accum_steps):
             inputs, targets = next(train_loader)
             with autocast_ctx:
                 loss = model(inputs, targets)
             loss = loss / grad_accum_steps
-            train_loss = loss.detach() if micro_step == 0 else train_loss + loss.detach()
+            train_loss += loss.detach()
             loss.backward()
         lr_multiplier = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         set_learning_rates(optimizers, lr_multiplier)

@@ -5,7 +5,6 @@ torchrun with gloo), checkpoints, exact resume, bits per byte, and the loop's he
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 
