@@ -54,8 +54,9 @@ if [ "$PROFILE" = gpu ]; then
     torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.base_loss
     torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.base_eval
 else
+    # depth 4 (width 256), 300 steps of 8192 tokens: ~2.5M tokens, about one pass over the sample
     python -m scripts.base_train --depth 4 --max-seq-len 512 --device-batch-size 8 --total-batch-size 8192 \
-        --num-iterations 600 --eval-every 200 --eval-tokens 131072 --sample-every 300 --save-every 300 --run "$WANDB_RUN"
+        --num-iterations 300 --eval-every 100 --eval-tokens 65536 --sample-every 150 --save-every 150 --run "$WANDB_RUN"
     python -m scripts.base_loss --device-batch-size 8 --split-tokens 131072
     # CORE needs the eval bundle from the internet: on an offline CPU box base_eval says so and is skipped
     python -m scripts.base_eval --max-per-task 50 || echo "base_eval skipped (see the message above)"

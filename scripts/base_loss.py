@@ -32,7 +32,7 @@ parser.add_argument("--device-type", type=str, default="", help="cuda|mps|cpu (e
 parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per rank per forward pass")
 parser.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens to evaluate per split")
 parser.add_argument("--model-tag", type=str, default=None, help="base checkpoint tag (default: the deepest)")
-parser.add_argument("--model-step", type=int, default=None, help="checkpoint step (default: the last)")
+parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
 parser.add_argument("--max-new-tokens", type=int, default=24, help="tokens to generate per prompt")
 args = parser.parse_args()
 if args.device_batch_size <= 0 or args.split_tokens <= 0:
@@ -41,7 +41,7 @@ if args.device_batch_size <= 0 or args.split_tokens <= 0:
 is_distributed, rank, local_rank, world_size, device = compute_init(args.device_type or None)
 autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 try:
-    model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.model_step)
+    model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
 except FileNotFoundError as e:
     parser.error(str(e))
 seq_len = model.config.sequence_len
