@@ -22,7 +22,7 @@ if ! command -v cargo >/dev/null 2>&1; then
     source "$HOME/.cargo/env"
 fi
 command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
-uv sync --python python3
+uv sync --python python3 --inexact  # --inexact: keep extras such as the test tools
 source .venv/bin/activate
 
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then

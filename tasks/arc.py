@@ -19,12 +19,7 @@ class ARC(Task):
             raise ValueError(f"ARC split must be train, validation or test, got {split!r}")
         self.rows = load_hub_dataset("allenai/ai2_arc", subset, split, path=path)
 
-    @property
-    def eval_type(self):
-        return "categorical"
-
-    def num_examples(self):
-        return len(self.rows)
+    eval_type = "categorical"
 
     def get_example(self, index):
         row = self.rows[index]

@@ -14,10 +14,10 @@ import random
 
 class Task:
     """
-    Base class of every dataset of conversations. Subclasses implement num_examples(),
-    get_example(index), eval_type and evaluate(). start/stop/step take a slice of the task
-    without copying anything, e.g. Task(start=0, stop=1000) for a quick eval, or
-    Task(start=rank, step=world_size) to shard it across ranks.
+    Base class of every dataset of conversations. Subclasses set eval_type and implement
+    get_example(index) and evaluate() (and num_examples() when they keep no self.rows).
+    start/stop/step take a slice of the task without copying anything, e.g. Task(start=0, stop=1000)
+    for a quick eval, or Task(start=rank, step=world_size) to shard it across ranks.
     """
 
     def __init__(self, start=0, stop=None, step=1):
@@ -25,13 +25,11 @@ class Task:
             raise ValueError(f"bad task slice start={start} stop={stop} step={step}: need 0 <= start <= stop and step >= 1")
         self.start, self.stop, self.step = start, stop, step
 
-    @property
-    def eval_type(self):
-        """'categorical' (pick one of the allowed letters) or 'generative' (sample a free-form reply)."""
-        raise NotImplementedError
+    # 'categorical' (pick one of the allowed letters) or 'generative' (sample a free-form reply)
+    eval_type = None
 
     def num_examples(self):
-        raise NotImplementedError
+        return len(self.rows)  # hub-backed tasks keep their rows; synthetic ones override this
 
     def get_example(self, index):
         raise NotImplementedError

@@ -31,9 +31,7 @@ class CustomJSON(Task):
                 check_conversation(messages, f"{filepath}:{line_number}")
                 self.conversations.append({"messages": messages})
 
-    @property
-    def eval_type(self):
-        return "generative"
+    eval_type = "generative"
 
     def num_examples(self):
         return len(self.conversations)

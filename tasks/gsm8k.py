@@ -58,12 +58,7 @@ class GSM8K(Task):
             raise ValueError(f"GSM8K split must be train or test, got {split!r}")
         self.rows = shuffled(load_hub_dataset("openai/gsm8k", subset, split, path=path))
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.rows)
+    eval_type = "generative"
 
     def get_example(self, index):
         row = self.rows[index]

@@ -36,12 +36,7 @@ class HumanEval(Task):
         self.rows = load_hub_dataset("openai/openai_humaneval", None, "test", path=path)
         self.timeout = timeout
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.rows)
+    eval_type = "generative"
 
     def get_example(self, index):
         row = self.rows[index]

@@ -20,12 +20,7 @@ class MMLU(Task):
         # the hub stores the test set sorted by subject; shuffle so the first N problems are a fair sample
         self.rows = shuffled(load_hub_dataset("cais/mmlu", subset, split, path=path))
 
-    @property
-    def eval_type(self):
-        return "categorical"
-
-    def num_examples(self):
-        return len(self.rows)
+    eval_type = "categorical"
 
     def get_example(self, index):
         row = self.rows[index]

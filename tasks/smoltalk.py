@@ -26,12 +26,7 @@ class SmolTalk(Task):
             raise ValueError(f"SmolTalk split must be train or test, got {split!r}")
         self.rows = shuffled(load_hub_dataset("HuggingFaceTB/smol-smoltalk", None, split, path=path))
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.rows)
+    eval_type = "generative"
 
     def get_example(self, index):
         messages = [{"role": m["role"], "content": m["content"]} for m in self.rows[index]["messages"]]

@@ -76,9 +76,7 @@ class SpellingBee(Task):
         self.split = split
         self.words = load_words(split, words_path)
 
-    @property
-    def eval_type(self):
-        return "generative"
+    eval_type = "generative"
 
     def num_examples(self):
         return self.size
@@ -121,9 +119,7 @@ class SimpleSpelling(Task):
         self.size = size
         self.words = load_words(split, words_path)
 
-    @property
-    def eval_type(self):
-        return "generative"
+    eval_type = "generative"
 
     def num_examples(self):
         return self.size
