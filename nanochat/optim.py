@@ -61,12 +61,8 @@ class Muon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
-        params = list(params)
-        for p in params:
-            if p.ndim != 2:
-                raise ValueError(f"Muon only handles 2-D matrices, got a parameter of shape {tuple(p.shape)}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
-        super().__init__(_group_by_shape(params), defaults)
+        super().__init__(_muon_param_groups(params), defaults)
 
     @torch.no_grad()
     def step(self):
@@ -89,12 +85,8 @@ class DistMuon(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
-        params = list(params)
-        for p in params:
-            if p.ndim != 2:
-                raise ValueError(f"Muon only handles 2-D matrices, got a parameter of shape {tuple(p.shape)}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
-        super().__init__(_group_by_shape(params), defaults)
+        super().__init__(_muon_param_groups(params), defaults)
 
     @torch.no_grad()
     def step(self):
@@ -205,6 +197,14 @@ def make_adamw(param_groups, betas, eps, weight_decay, distributed):
 
 def make_muon(params, lr, momentum, distributed):
     return (DistMuon if distributed else Muon)(params, lr=lr, momentum=momentum)
+
+
+def _muon_param_groups(params):
+    params = list(params)
+    for p in params:
+        if p.ndim != 2:
+            raise ValueError(f"Muon only handles 2-D matrices, got a parameter of shape {tuple(p.shape)}")
+    return _group_by_shape(params)
 
 
 def _group_by_shape(params):

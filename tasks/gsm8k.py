@@ -69,8 +69,10 @@ class GSM8K(Task):
         return {"messages": messages}
 
     def evaluate(self, conversation, assistant_response):
-        reference = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
-        return int(same_number(extract_answer(assistant_response), reference))
+        return evaluate_final_answer(conversation, assistant_response)
 
-    def reward(self, conversation, assistant_response):
-        return float(self.evaluate(conversation, assistant_response))
+
+def evaluate_final_answer(conversation, assistant_response):
+    """1 if the reply's '#### N' matches the reference's (the last text part of the assistant message)."""
+    reference = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
+    return int(same_number(extract_answer(assistant_response), reference))

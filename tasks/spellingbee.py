@@ -14,7 +14,7 @@ import random
 import zlib
 
 from tasks.common import Task
-from tasks.gsm8k import extract_answer, same_number
+from tasks.gsm8k import evaluate_final_answer
 
 WORDS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "words.txt")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -105,11 +105,7 @@ class SpellingBee(Task):
         return {"messages": messages}
 
     def evaluate(self, conversation, assistant_response):
-        reference = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
-        return int(same_number(extract_answer(assistant_response), reference))
-
-    def reward(self, conversation, assistant_response):
-        return float(self.evaluate(conversation, assistant_response))
+        return evaluate_final_answer(conversation, assistant_response)
 
 
 class SimpleSpelling(Task):
