@@ -38,9 +38,11 @@ class KVCache:
         self.capacity = seq_len
         self.cache = None
         self.pos = 0
+        self.decode_tables = None  # set by GPT.decode_step: its derived weights, checked once per cache
 
     def reset(self):
         self.pos = 0
+        self.decode_tables = None
 
     def get_pos(self):
         return self.pos
