@@ -122,6 +122,14 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
+def decode_norm(x):
+    # F.rms_norm's composite kernel makes dtype round trips; for fp32 these 4 ops give the same bits and
+    # make a one-token decode step at depth 4 ~3% faster (~45 us of ~1.5 ms, 14 norms per step)
+    if x.dtype != torch.float32:
+        return norm(x)
+    return x * torch.rsqrt(torch.mean(x * x, -1, keepdim=True) + torch.finfo(torch.float32).eps)
+
+
 def apply_rotary_emb(x, cos, sin):
     if x.requires_grad and torch.is_grad_enabled():
         return Rotary.apply(x, cos, sin)
@@ -396,12 +404,12 @@ class GPT(nn.Module):
         cfg = self.config
         H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
         rotary = (cos2[pos], sin2[pos])
-        x = norm(F.embedding(idx.view(B), wte))
+        x = decode_norm(F.embedding(idx.view(B), wte))
         for w_qkv, w_o, w_fc, w_proj, layer_idx in layers:
-            y = self._decode_attention(torch.mm(norm(x), w_qkv), rotary, kv_cache, layer_idx, H, Hkv, D)
+            y = self._decode_attention(torch.mm(decode_norm(x), w_qkv), rotary, kv_cache, layer_idx, H, Hkv, D)
             x = torch.addmm(x, y, w_o)
-            x = torch.addmm(x, torch.relu_(torch.mm(norm(x), w_fc)).square_(), w_proj)
-        logits = torch.mm(norm(x), head)
+            x = torch.addmm(x, torch.relu_(torch.mm(decode_norm(x), w_fc)).square_(), w_proj)
+        logits = torch.mm(decode_norm(x), head)
         if logits.dtype != torch.float32:
             logits = logits.float()
         return logits.div_(LOGIT_SOFTCAP).tanh_().mul_(LOGIT_SOFTCAP)
@@ -413,7 +421,7 @@ class GPT(nn.Module):
         cos, sin = rotary
         qk = qkv[:, :(H + Hkv) * D].view(B, H + Hkv, D)  # q and k heads side by side: one rotary, one norm
         swapped = qk.view(B, H + Hkv, 2, D // 2).flip(2).view(B, H + Hkv, D)
-        qk = norm(torch.addcmul(qk * cos, swapped, sin))
+        qk = decode_norm(torch.addcmul(qk * cos, swapped, sin))
         v = qkv[:, (H + Hkv) * D:].view(B, Hkv, 1, D)
         keys, values = kv_cache.insert_kv(layer_idx, qk[:, H:].unsqueeze(2), v)
         y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2), keys, values, enable_gqa=H != Hkv)  # [B, H, 1, D]
