@@ -73,6 +73,9 @@ def compute_init(device_type=None):
 
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
+        # let every rank arrive first: tearing gloo down while a peer is still writing files or
+        # talking aborts that peer ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -129,6 +129,8 @@ def distributed_worker(out_path):
     """Run by torchrun: 2 ranks step DistMuon/DistAdamW on rank-specific grads for 3 steps."""
     import torch.distributed as dist
 
+    from nanochat.common import compute_cleanup
+
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     params = make_params()
@@ -145,7 +147,7 @@ def distributed_worker(out_path):
     if rank == 0:
         torch.save(([p.detach() for p in params[:4]], [p.detach() for p in params[4:]]), out_path)
         print(json.dumps({"adamw_state_sizes": [s.item() for s in sizes]}))
-    dist.destroy_process_group()
+    compute_cleanup()
 
 
 if __name__ == "__main__":
