@@ -29,6 +29,26 @@ def sample_texts(max_chars=300_000):
     return texts
 
 
+def random_gpt(tokenizer, sequence_len=64, n_layer=2, n_head=4, n_kv_head=4, n_embd=64, seed=0):
+    """A small random GPT whose special tokens can never win the argmax (so greedy runs are never cut short)."""
+    import torch
+
+    from nanochat.gpt import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.get_vocab_size(), n_layer=n_layer,
+                       n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd)
+    model = GPT(config)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+        for name in tokenizer.get_special_tokens():
+            model.lm_head.weight[tokenizer.encode_special(name)] = 0.0  # logit 0: sampled sometimes, never the argmax
+    model.eval()
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A real tokenizer (rustbpe-trained, tiktoken-run) with a 512-token vocabulary."""

@@ -17,10 +17,9 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from nanochat.checkpoint_manager import save_checkpoint
-from nanochat.gpt import GPT, GPTConfig
+from conftest import random_gpt
 
 # every test here talks to a real subprocess that imports torch and loads a model (seconds each)
 pytestmark = pytest.mark.slow
@@ -31,17 +30,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def save_tiny_model(base_dir, tokenizer, sequence_len=4096):
     """A random 2-layer model as a real SFT checkpoint; its special tokens never win the argmax, so greedy replies run to max_tokens."""
     tokenizer.save(os.path.join(base_dir, "tokenizer"))
-    torch.manual_seed(0)
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
-    model = GPT(config)
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-        for name in tokenizer.get_special_tokens():
-            model.lm_head.weight[tokenizer.encode_special(name)] = 0.0  # logit 0: sampled sometimes, never the argmax
+    model = random_gpt(tokenizer, sequence_len=sequence_len, n_head=2, n_kv_head=2)
     save_checkpoint(os.path.join(base_dir, "chatsft_checkpoints", "d2"), 1, model.state_dict(), None,
-                    {"model_config": dataclasses.asdict(config), "step": 1})
+                    {"model_config": dataclasses.asdict(model.config), "step": 1})
 
 
 def free_port():

@@ -6,25 +6,11 @@ import torch
 import torch.nn as nn
 
 from nanochat.engine import Engine, IncrementalDecoder, KVCache, assistant_parts, run_tool_call, sample_next_token
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
+
+from conftest import random_gpt
 
 torch.set_num_threads(1)
-
-
-def random_model(tokenizer, n_head=4, n_kv_head=4, n_layer=2, n_embd=64, seed=0):
-    """A small random GPT whose special tokens can never win the argmax (so greedy runs are never cut short)."""
-    torch.manual_seed(seed)
-    config = GPTConfig(sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=n_layer,
-                       n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd)
-    model = GPT(config)
-    model.init_weights()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-        for name in tokenizer.get_special_tokens():
-            model.lm_head.weight[tokenizer.encode_special(name)] = 0.0
-    model.eval()
-    return model
 
 
 PROMPTS = ["The quick brown fox", "Once upon a time there was", "1 + 1 ="]
@@ -32,7 +18,7 @@ PROMPTS = ["The quick brown fox", "Once upon a time there was", "1 + 1 ="]
 
 @pytest.mark.parametrize("n_kv_head", [4, 2])  # plain multi-head and grouped-query attention
 def test_kv_cache_greedy_matches_naive_recompute(tiny_tokenizer, n_kv_head):
-    model = random_model(tiny_tokenizer, n_kv_head=n_kv_head)
+    model = random_gpt(tiny_tokenizer, n_kv_head=n_kv_head)
     engine = Engine(model, tiny_tokenizer)
     for prompt in PROMPTS:
         tokens = tiny_tokenizer.encode(prompt, prepend="<|bos|>")
@@ -46,7 +32,7 @@ def test_kv_cache_greedy_matches_naive_recompute(tiny_tokenizer, n_kv_head):
 
 def test_generation_past_the_cache_chunk_matches_naive(tiny_tokenizer):
     # a long prompt + generation crosses several rotary/cache positions; the cache must stay exact
-    model = random_model(tiny_tokenizer, n_layer=1)
+    model = random_gpt(tiny_tokenizer, n_layer=1)
     engine = Engine(model, tiny_tokenizer)
     tokens = tiny_tokenizer.encode("word " * 60, prepend="<|bos|>")
     naive = list(model.generate(tokens, max_tokens=8, temperature=0.0))
@@ -66,7 +52,7 @@ def test_kv_cache_grows_and_keeps_contents():
 
 
 def test_seed_reproduces_and_rows_sample_independently(tiny_tokenizer):
-    model = random_model(tiny_tokenizer)
+    model = random_gpt(tiny_tokenizer)
     engine = Engine(model, tiny_tokenizer)
     tokens = tiny_tokenizer.encode("Hello", prepend="<|bos|>")
     run = lambda seed: engine.generate_batch(tokens, num_samples=4, max_tokens=16, temperature=1.0, seed=seed)[0]
