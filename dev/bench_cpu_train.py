@@ -3,8 +3,12 @@ CPU training throughput: our GPT + Muon/AdamW against a plain PyTorch reference 
 (nanoGPT-style: learned positions, LayerNorm, GELU, fused qkv, plain cross-entropy, torch AdamW),
 measured in the same run, alternating, so a busy machine slows both alike.
 
-    python -m dev.bench_cpu_train                      # depth 4 and 6, seq 512, vocab 8192, batch 8, fp32
-    python -m dev.bench_cpu_train --depths 4 --rounds 3 --threads 2 --grad-accums 1
+    python -m dev.bench_cpu_train                      # depth 4 and 6, seq 512, vocab 8192, batch 8
+    python -m dev.bench_cpu_train --depths 4 --rounds 3 --threads 2 --grad-accums 1 --dtypes float32
+
+The reference always runs in plain fp32. Ours runs in each of --dtypes: "auto" is what base_train
+picks here (bf16 matmuls with fp32 master weights on CPUs with AMX, else fp32), "float32" is the
+like-for-like comparison.
 
 Muon's Newton-Schulz costs the same per optimizer step whatever the batch, so with one step per
 4096-token batch it is a visible share of the step (more so as width grows); with accumulation it
@@ -13,11 +17,13 @@ fades. Both settings are printed.
 import argparse
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.common import autocast_context, get_compute_dtype
 from nanochat.gpt import GPT, model_config_from_depth
 
 
@@ -59,10 +65,11 @@ class ReferenceGPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
 
-def make_step(model, optimizers, inputs, targets, grad_accum):
+def make_step(model, optimizers, inputs, targets, grad_accum, autocast=None):
     def step():
         for _ in range(grad_accum):
-            loss = model(inputs, targets) / grad_accum
+            with autocast or nullcontext():
+                loss = model(inputs, targets) / grad_accum
             loss.backward()
         for opt in optimizers:
             opt.step()
@@ -91,35 +98,41 @@ def main():
     parser.add_argument("--steps", type=int, default=1, help="optimizer steps per timing round")
     parser.add_argument("--grad-accums", type=int, nargs="+", default=[1, 2],
                         help="micro-batches per optimizer step to measure (the CPU speedrun profile uses 2: 8192 tokens per step)")
+    parser.add_argument("--dtypes", type=str, nargs="+", default=["auto", "float32"], choices=["auto", "float32", "bfloat16"],
+                        help="compute dtypes to run ours in (the reference is always fp32)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     tokens = args.batch_size * args.seq_len
     inputs = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len))
     targets = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len))
-    print(f"threads {args.threads} | seq {args.seq_len} | batch {args.batch_size} | vocab {args.vocab_size} | fp32")
-    for depth in args.depths:
+    cpu = torch.device("cpu")
+    print(f"threads {args.threads} | seq {args.seq_len} | batch {args.batch_size} | vocab {args.vocab_size} | "
+          f"auto dtype here: {get_compute_dtype(cpu)}")
+    for depth, dtype_name, grad_accum in ((d, t, g) for d in args.depths for t in args.dtypes for g in args.grad_accums):
+        dtype = get_compute_dtype(cpu, dtype_name)
         config = model_config_from_depth(depth, args.vocab_size, args.seq_len)
+        torch.manual_seed(0)
         ours = GPT(config)
         ours.init_weights()
-        ours_optimizers = ours.setup_optimizers()
+        ours_optimizers = ours.setup_optimizers(compute_dtype=dtype)
         reference = ReferenceGPT(args.vocab_size, args.seq_len, config.n_layer, config.n_head, config.n_embd)
         reference_optimizers = [torch.optim.AdamW(reference.parameters(), lr=3e-4)]
-        for grad_accum in args.grad_accums:
-            ours_step = make_step(ours, ours_optimizers, inputs, targets, grad_accum)
-            reference_step = make_step(reference, reference_optimizers, inputs, targets, grad_accum)
-            ours_step(), reference_step()  # warm up allocator and kernels
-            ours_rates, reference_rates = [], []
-            for _ in range(args.rounds):
-                ours_rates.append(tokens_per_second(ours_step, tokens * grad_accum, args.steps))
-                reference_rates.append(tokens_per_second(reference_step, tokens * grad_accum, args.steps))
-            ours_rate, reference_rate = (statistics.median(r[0] for r in rates) for rates in (ours_rates, reference_rates))
-            ours_cpu, reference_cpu = (statistics.median(r[1] for r in rates) for rates in (ours_rates, reference_rates))
-            gflops = ours.estimate_flops() * ours_rate / 1e9
-            print(f"depth {depth} (width {config.n_embd}, {ours.num_params() / 1e6:.1f}M params), {grad_accum} micro-batch(es)/step: "
-                  f"ours {ours_rate:,.0f} tok/s ({gflops:.0f} GFLOP/s) | reference {reference_rate:,.0f} tok/s | "
-                  f"ratio {ours_rate / reference_rate:.2f}x | per CPU-second: ours {ours_cpu:,.0f}, reference {reference_cpu:,.0f}, "
-                  f"ratio {ours_cpu / reference_cpu:.2f}x", flush=True)
+        ours_step = make_step(ours, ours_optimizers, inputs, targets, grad_accum, autocast_context(cpu, dtype))
+        reference_step = make_step(reference, reference_optimizers, inputs, targets, grad_accum)
+        ours_step(), reference_step()  # warm up allocator and kernels
+        ours_rates, reference_rates = [], []
+        for _ in range(args.rounds):
+            ours_rates.append(tokens_per_second(ours_step, tokens * grad_accum, args.steps))
+            reference_rates.append(tokens_per_second(reference_step, tokens * grad_accum, args.steps))
+        ours_rate, reference_rate = (statistics.median(r[0] for r in rates) for rates in (ours_rates, reference_rates))
+        ours_cpu, reference_cpu = (statistics.median(r[1] for r in rates) for rates in (ours_rates, reference_rates))
+        gflops = ours.estimate_flops() * ours_rate / 1e9
+        print(f"depth {depth} (width {config.n_embd}, {ours.num_params() / 1e6:.1f}M params), ours in {str(dtype).removeprefix('torch.')}, "
+              f"{grad_accum} micro-batch(es)/step: "
+              f"ours {ours_rate:,.0f} tok/s ({gflops:.0f} GFLOP/s) | reference {reference_rate:,.0f} tok/s | "
+              f"ratio {ours_rate / reference_rate:.2f}x | per CPU-second: ours {ours_cpu:,.0f}, reference {reference_cpu:,.0f}, "
+              f"ratio {ours_cpu / reference_cpu:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """
 Shared plumbing: base directory, device detection, torch.distributed init, rank-0 logging.
 """
+import functools
 import logging
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -36,6 +38,47 @@ def autodetect_device_type():
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+@functools.cache
+def cpu_has_fast_bf16():
+    """
+    True when this CPU multiplies bf16 matrices in hardware (Intel AMX: Sapphire Rapids and later).
+    Measured on such a 2-core VM: bf16 matmuls 1,100-2,400 GFLOP/s vs 250-330 in fp32, so bf16 compute
+    makes a depth-4 training step ~2x faster. Without AMX, bf16 matmuls are emulated and far slower
+    than fp32, so the answer must come from the hardware, not be assumed. A flag, not a timing, so
+    every rank of a distributed run decides the same.
+    """
+    is_amx_supported = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(is_amx_supported()) if is_amx_supported is not None else False
+    except RuntimeError:
+        return False
+
+
+def get_compute_dtype(device, requested="auto"):
+    """
+    The dtype matmuls run in under autocast (weights stay fp32). auto: bf16 on CUDA (fp32 on GPUs without
+    bf16), bf16 on CPUs with AMX, fp32 on other CPUs and on MPS.
+    """
+    if requested not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"--dtype must be auto, float32 or bfloat16 (got {requested!r})")
+    if requested == "float32":
+        return torch.float32
+    if requested == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast_context(device, dtype):
+    """bf16 compute with fp32 master weights; a no-op context for fp32."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def compute_init(device_type=None):

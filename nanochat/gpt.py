@@ -147,15 +147,25 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows=256):
+    def forward(ctx, x, weight, targets, compute_dtype=torch.float32, chunk_rows=256):
+        # matmuls in compute_dtype (bf16 on AMX CPUs), softmax and both gradients accumulated in fp32;
+        # explicit casts instead of autocast, which does not apply to the out=/in-place matmuls below
+        with torch.autocast("cpu", enabled=False):
+            return SoftcapCrossEntropy._forward(ctx, x, weight, targets, compute_dtype, chunk_rows)
+
+    @staticmethod
+    def _forward(ctx, x, weight, targets, compute_dtype, chunk_rows):
         grad_x, grad_weight = torch.empty_like(x), torch.zeros_like(weight)
+        low_precision = not (compute_dtype == x.dtype == weight.dtype == torch.float32)
+        weight_c = weight.to(compute_dtype)
         count = (targets != -1).sum().clamp(min=1)
-        total = x.new_zeros(())
+        accumulate_dtype = torch.promote_types(x.dtype, torch.float32)  # softmax in at least fp32
+        total = x.new_zeros((), dtype=accumulate_dtype)
         for start in range(0, x.size(0), chunk_rows):
-            x_chunk, t_chunk = x[start:start + chunk_rows], targets[start:start + chunk_rows]
+            x_chunk, t_chunk = x[start:start + chunk_rows].to(compute_dtype), targets[start:start + chunk_rows]
             valid = (t_chunk != -1).unsqueeze(1)
             safe_targets = t_chunk.clamp(min=0).unsqueeze(1)
-            tanh = torch.mm(x_chunk, weight.t()).div_(LOGIT_SOFTCAP).tanh_()
+            tanh = torch.mm(x_chunk, weight_c.t()).to(accumulate_dtype).div_(LOGIT_SOFTCAP).tanh_()
             logits = tanh * LOGIT_SOFTCAP
             lse = torch.logsumexp(logits, dim=1, keepdim=True)
             total += ((lse - logits.gather(1, safe_targets)) * valid).sum()
@@ -164,15 +174,20 @@ class SoftcapCrossEntropy(torch.autograd.Function):
             grad.scatter_add_(1, safe_targets, -valid.to(grad.dtype))
             grad.mul_(valid)
             grad = tanh.square_().neg_().add_(1).mul_(grad)
-            torch.mm(grad, weight, out=grad_x[start:start + chunk_rows])
-            grad_weight.addmm_(grad.t(), x_chunk)
+            if low_precision:
+                grad = grad.to(compute_dtype)
+                grad_x[start:start + chunk_rows] = torch.mm(grad, weight_c)
+                grad_weight += torch.mm(grad.t(), x_chunk)
+            else:
+                torch.mm(grad, weight, out=grad_x[start:start + chunk_rows])
+                grad_weight.addmm_(grad.t(), x_chunk)
         ctx.save_for_backward(grad_x.div_(count), grad_weight.div_(count))
         return total / count
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_weight = ctx.saved_tensors
-        return grad_x * grad_loss, grad_weight * grad_loss, None, None
+        return grad_x * grad_loss, grad_weight * grad_loss, None, None, None
 
 
 class CausalSelfAttention(nn.Module):
@@ -301,10 +316,11 @@ class GPT(nn.Module):
         attention = 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
         return 6 * (self.num_params() - nparams_embedding) + attention
 
-    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, compute_dtype=None):
         """
         Muon for the 2-D matrices inside the blocks, AdamW for the embedding and the head.
         AdamW learning rates are tuned at width 768 and scaled by (width/768)^-0.5.
+        compute_dtype: the training's matmul dtype, also used for Muon's Newton-Schulz (None: bf16 on GPU, else fp32).
         Returns [adamw, muon]; both carry "initial_lr" in each param group for the lr schedule.
         """
         from nanochat.optim import make_adamw, make_muon
@@ -320,7 +336,7 @@ class GPT(nn.Module):
         is_distributed = get_dist_info()[0]
         adamw = make_adamw(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay,
                            distributed=is_distributed)
-        muon = make_muon(matrix_params, lr=matrix_lr, momentum=0.95, distributed=is_distributed)
+        muon = make_muon(matrix_params, lr=matrix_lr, momentum=0.95, distributed=is_distributed, ns_dtype=compute_dtype)
         optimizers = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:
@@ -344,9 +360,9 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
         x = norm(x)
-        if (targets is not None and loss_reduction == "mean" and x.device.type == "cpu" and torch.is_grad_enabled()
-                and not torch.is_autocast_enabled("cpu")):  # the fast path is written for plain fp32
-            return SoftcapCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
+        if targets is not None and loss_reduction == "mean" and x.device.type == "cpu" and torch.is_grad_enabled():
+            compute_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+            return SoftcapCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), compute_dtype)
         logits = self.lm_head(x).float()
         # soft-cap keeps logits in [-15, 15]: stabilises training at no quality cost
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)

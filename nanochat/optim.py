@@ -17,15 +17,17 @@ import torch.distributed as dist
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def zeropower_via_newtonschulz5(G, steps=5):
+def zeropower_via_newtonschulz5(G, steps=5, dtype=None):
     """
     Approximately replace G = U S V^T by U V^T (singular values land in roughly [0.7, 1.2]).
     G is one matrix [rows, cols] or a stack of same-shape matrices [n, rows, cols], done in one batch.
-    bf16 on GPU where it is fast and good enough; fp32 on CPU where bf16 matmuls are ~80x slower.
+    dtype: what the iteration runs in. Default bf16 on GPU, where it is fast and good enough, fp32
+    elsewhere; training passes its compute dtype, so CPUs with AMX (bf16 ~5x fp32 there) use bf16 too.
     """
     assert G.ndim in (2, 3)
     a, b, c = NS_COEFFICIENTS
-    X = G.bfloat16() if G.is_cuda else G.float()
+    dtype = dtype or (torch.bfloat16 if G.is_cuda else torch.float32)
+    X = G.to(dtype)
     X = X.unsqueeze(0) if G.ndim == 2 else X
     transposed = X.size(1) > X.size(2)
     if transposed:
@@ -41,14 +43,14 @@ def zeropower_via_newtonschulz5(G, steps=5):
     return X.to(G.dtype)
 
 
-def muon_update(grad, momentum_buffer, momentum, nesterov=True, ns_steps=5):
+def muon_update(grad, momentum_buffer, momentum, nesterov=True, ns_steps=5, ns_dtype=None):
     """
     Momentum, then orthogonalise, then scale so tall matrices get the same per-element update size as
     square ones. grad/momentum_buffer: one matrix or a stack of same-shape matrices; grad is overwritten.
     """
     momentum_buffer.lerp_(grad, 1 - momentum)
     update = grad.lerp_(momentum_buffer, momentum) if nesterov else momentum_buffer
-    update = zeropower_via_newtonschulz5(update, steps=ns_steps)
+    update = zeropower_via_newtonschulz5(update, steps=ns_steps, dtype=ns_dtype)
     shape_scale = max(1.0, grad.size(-2) / grad.size(-1)) ** 0.5
     return update * shape_scale
 
@@ -60,9 +62,10 @@ class Muon(torch.optim.Optimizer):
     instead of hundreds of small ones); their momentum lives in one stacked buffer per group.
     """
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=None):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
         super().__init__(_muon_param_groups(params), defaults)
+        self.ns_dtype = ns_dtype  # not a group setting: a resumed run follows its own --dtype, not the checkpoint's
 
     @torch.no_grad()
     def step(self):
@@ -72,7 +75,8 @@ class Muon(torch.optim.Optimizer):
             state = self.state[params[0]]  # keyed on the group's first matrix: torch's state_dict wants a param key
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(grads)
-            updates = muon_update(grads, state["momentum_buffer"], group["momentum"], group["nesterov"], group["ns_steps"])
+            updates = muon_update(grads, state["momentum_buffer"], group["momentum"], group["nesterov"], group["ns_steps"],
+                                  self.ns_dtype)
             torch._foreach_add_(params, list(updates.unbind(0)), alpha=-group["lr"])
 
 
@@ -84,9 +88,10 @@ class DistMuon(torch.optim.Optimizer):
     matrix back to every rank. Momentum buffers live only on the owning rank.
     """
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=None):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
         super().__init__(_muon_param_groups(params), defaults)
+        self.ns_dtype = ns_dtype  # not a group setting: a resumed run follows its own --dtype, not the checkpoint's
 
     @torch.no_grad()
     def step(self):
@@ -115,7 +120,7 @@ class DistMuon(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 update = muon_update(owned_grad, state["momentum_buffer"], group["momentum"],
-                                     group["nesterov"], group["ns_steps"])
+                                     group["nesterov"], group["ns_steps"], self.ns_dtype)
                 p.add_(update, alpha=-group["lr"])
                 owned_param = p.detach()
             else:
@@ -195,8 +200,8 @@ def make_adamw(param_groups, betas, eps, weight_decay, distributed):
     return torch.optim.AdamW(param_groups, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
-def make_muon(params, lr, momentum, distributed):
-    return (DistMuon if distributed else Muon)(params, lr=lr, momentum=momentum)
+def make_muon(params, lr, momentum, distributed, ns_dtype=None):
+    return (DistMuon if distributed else Muon)(params, lr=lr, momentum=momentum, ns_dtype=ns_dtype)
 
 
 def _muon_param_groups(params):

@@ -9,15 +9,13 @@ Writes <base dir>/base_eval/<tag>_<step>.csv and the "Base model evaluation" rep
 (Bits per byte on the pretraining data is scripts/base_loss.py.)
 """
 import argparse
-import contextlib
 import os
 import time
 
-import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import autocast_context, compute_cleanup, compute_init, get_base_dir, get_compute_dtype, print0
 from nanochat.core_eval import EVAL_BUNDLE_URL, download_eval_bundle, evaluate_core
 from nanochat.report import get_report
 
@@ -25,13 +23,14 @@ parser = argparse.ArgumentParser(description="Evaluate a base model on the CORE 
 parser.add_argument("--model-tag", type=str, default=None, help="checkpoint tag, e.g. d20 (default: the largest model)")
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
 parser.add_argument("--max-per-task", type=int, default=-1, help="evaluate at most this many examples per task (-1 = all)")
+parser.add_argument("--dtype", type=str, default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="matmul dtype; auto = bf16 on CUDA and on CPUs with AMX, else fp32")
 parser.add_argument("--device-type", type=str, default=None, help="cuda|mps|cpu (default: autodetect)")
 parser.add_argument("--bundle-url", type=str, default=EVAL_BUNDLE_URL, help="where to download the eval bundle zip from if it is not in the base dir yet")
 args = parser.parse_args()
 
 is_distributed, rank, local_rank, world_size, device = compute_init(args.device_type)
-# bf16 autocast on GPU like training; CPU and MPS run in fp32
-autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+autocast = autocast_context(device, get_compute_dtype(device, args.dtype))  # the same compute dtype as training
 
 # one rank downloads, the others wait for the finished folder
 bundle_dir = os.path.join(get_base_dir(), "eval_bundle")

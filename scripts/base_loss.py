@@ -6,12 +6,10 @@ plus greedy completions of a few fixed prompts.
     torchrun --standalone --nproc_per_node=8 -m scripts.base_loss -- --device-batch-size 32
 """
 import argparse
-from contextlib import nullcontext
 
-import torch
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import compute_cleanup, compute_init, print0
+from nanochat.common import autocast_context, compute_cleanup, compute_init, get_compute_dtype, print0
 from nanochat.dataloader import PretrainLoader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
@@ -28,6 +26,8 @@ PROMPTS = [
 ]
 
 parser = argparse.ArgumentParser(description="Bits per byte and samples of a base model")
+parser.add_argument("--dtype", type=str, default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="matmul dtype; auto = bf16 on CUDA and on CPUs with AMX, else fp32")
 parser.add_argument("--device-type", type=str, default="", help="cuda|mps|cpu (empty = autodetect)")
 parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per rank per forward pass")
 parser.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens to evaluate per split")
@@ -39,7 +39,7 @@ if args.device_batch_size <= 0 or args.split_tokens <= 0:
     parser.error("--device-batch-size and --split-tokens must be positive")
 
 is_distributed, rank, local_rank, world_size, device = compute_init(args.device_type or None)
-autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+autocast_ctx = autocast_context(device, get_compute_dtype(device, args.dtype))  # the same compute dtype as training
 try:
     model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
 except FileNotFoundError as e:

@@ -12,13 +12,13 @@ gradients themselves, each rank updates its shard, and all-gather the result.
 import argparse
 import dataclasses
 import os
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import find_last_step, load_checkpoint, save_checkpoint
-from nanochat.common import compute_cleanup, compute_init, get_base_dir, get_wandb, print0
+from nanochat.common import (autocast_context, compute_cleanup, compute_init, get_base_dir, get_compute_dtype, get_wandb,
+                             print0)
 from nanochat.dataloader import PretrainLoader
 from nanochat.gpt import GPT, model_config_from_depth
 from nanochat.loss_eval import evaluate_bpb
@@ -34,6 +34,8 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", 
 parser = argparse.ArgumentParser(description="Pretrain the base GPT")
 parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
 parser.add_argument("--device-type", type=str, default="", help="cuda|mps|cpu (empty = autodetect)")
+parser.add_argument("--dtype", type=str, default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="matmul dtype (weights stay fp32); auto = bf16 on CUDA and on CPUs with AMX, else fp32")
 # model
 parser.add_argument("--depth", type=int, default=20, help="number of layers; width = depth*64 rounded up to the 128 head dim")
 parser.add_argument("--n-kv-head", type=int, default=None, help="key/value heads for GQA (default: as many as query heads)")
@@ -74,8 +76,9 @@ user_config = dict(vars(args))
 
 is_distributed, rank, local_rank, world_size, device = compute_init(args.device_type or None)
 master_process = rank == 0
-# bf16 compute with fp32 master weights on CUDA; plain fp32 elsewhere (bf16 matmuls are ~80x slower on CPU)
-autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+compute_dtype = get_compute_dtype(device, args.dtype)
+autocast_ctx = autocast_context(device, compute_dtype)
+print0(f"compute dtype: {str(compute_dtype).removeprefix('torch.')} (fp32 master weights)")
 wandb_run = get_wandb(args.run, project="nanochat", config=user_config, master_process=master_process)
 
 tokenizer = get_tokenizer()
@@ -120,7 +123,7 @@ print0(f"steps: {num_iterations:,} | tokens per step: {tokens_per_step:,} | grad
        f"total tokens: {num_iterations * tokens_per_step:,} | tokens per parameter: {num_iterations * tokens_per_step / num_params:.1f}")
 
 optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                    matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+                                    matrix_lr=args.matrix_lr, weight_decay=args.weight_decay, compute_dtype=compute_dtype)
 adamw, muon = optimizers
 
 # -----------------------------------------------------------------------------

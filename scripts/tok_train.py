@@ -9,7 +9,6 @@ the step at 32768 vs ~21% at 65536, while 65536 compresses text only ~4% better 
 smaller vocab buys more tokens per FLOP.
 """
 import argparse
-import os
 import time
 
 from nanochat.common import print0

@@ -145,7 +145,7 @@ def test_hand_written_pieces_match_autograd_reference():
     weight = torch.randn(50, 32, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 50, (300,))
     targets[::7] = -1
-    loss = SoftcapCrossEntropy.apply(x, weight, targets, 64)  # 64-row chunks: several, the last one partial
+    loss = SoftcapCrossEntropy.apply(x, weight, targets, torch.float64, 64)  # 64-row chunks: several, the last one partial
     loss.backward()
     ours = (loss.detach(), x.grad.clone(), weight.grad.clone())
     x.grad, weight.grad = None, None
@@ -160,3 +160,47 @@ def test_hand_written_pieces_match_autograd_reference():
     cos, sin = torch.randn(1, 5, 1, 4, dtype=torch.float64), torch.randn(1, 5, 1, 4, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda t: Rotary.apply(t, cos, sin), (y,))
     assert torch.autograd.gradcheck(ReluSquared.apply, (y,))
+
+
+def test_bf16_loss_head_matches_the_autocast_formula():
+    """With bf16 compute (AMX CPUs), the chunked loss head gives what autocast gives the plain formula: bf16 matmuls, fp32 softmax."""
+    import torch.nn.functional as F
+
+    from nanochat.gpt import LOGIT_SOFTCAP, SoftcapCrossEntropy
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 64, requires_grad=True)
+    weight = (torch.randn(50, 64) / 8).requires_grad_()
+    targets = torch.randint(0, 50, (300,))
+    targets[::5] = -1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = SoftcapCrossEntropy.apply(x, weight, targets, torch.bfloat16, 64)
+        logits = LOGIT_SOFTCAP * torch.tanh((x @ weight.t()).float() / LOGIT_SOFTCAP)
+        reference = F.cross_entropy(logits, targets, ignore_index=-1)
+    assert loss.dtype == torch.float32
+    ours_grads = torch.autograd.grad(loss, (x, weight))
+    reference_grads = torch.autograd.grad(reference, (x, weight))
+    torch.testing.assert_close(loss, reference, rtol=1e-3, atol=1e-3)
+    for ours, ref in zip(ours_grads, reference_grads):
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, ref, rtol=2e-2, atol=2e-4)
+    # and bf16 really was used: the fp32 loss differs by more than fp32 noise
+    fp32 = F.cross_entropy(LOGIT_SOFTCAP * torch.tanh(x @ weight.t() / LOGIT_SOFTCAP), targets, ignore_index=-1)
+    assert abs(fp32.item() - loss.item()) > 1e-6
+
+
+def test_training_step_in_bf16_tracks_fp32():
+    """A whole forward+backward under CPU bf16 autocast stays close to fp32 (loss and every gradient)."""
+    model = make_model(depth=2, random_outputs=True)
+    idx = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(1))
+    targets = torch.roll(idx, -1, dims=1)
+    fp32_loss = model(idx, targets)
+    fp32_grads = torch.autograd.grad(fp32_loss, list(model.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_loss = model(idx, targets)
+    bf16_grads = torch.autograd.grad(bf16_loss, list(model.parameters()))
+    assert bf16_loss.dtype == torch.float32 and bf16_loss.item() != fp32_loss.item()
+    assert bf16_loss.item() == pytest.approx(fp32_loss.item(), rel=1e-2)
+    for name, a, b in zip([n for n, _ in model.named_parameters()], bf16_grads, fp32_grads):
+        assert a.dtype == torch.float32, name
+        assert (a - b).norm() <= 0.05 * b.norm() + 1e-6, name
