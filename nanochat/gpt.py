@@ -31,6 +31,9 @@ class GPTConfig:
     n_head: int = 10  # number of query heads
     n_kv_head: int = 10  # number of key/value heads (GQA when smaller than n_head)
     n_embd: int = 1280
+    # speedrun tricks, each kept only if an A/B at equal compute lowers val bpb (dev/BENCHMARKS.md)
+    x0_mixing: bool = False  # each block's input is a*x + b*x0 (x0 = the normalised token embedding), a, b learned per layer
+    value_embeds: bool = False  # every other layer (the last included) adds a per-token embedding to its attention values
 
 
 def model_config_from_depth(depth, vocab_size, sequence_len, n_kv_head=None):
@@ -48,6 +51,11 @@ def model_config_from_depth(depth, vocab_size, sequence_len, n_kv_head=None):
         raise ValueError(f"n_kv_head={n_kv_head} must divide the number of heads ({n_head} at depth {depth})")
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth,
                      n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd)
+
+
+def has_value_embed(layer_idx, n_layer):
+    """Every other layer, counted back from the last (which always has one)."""
+    return layer_idx % 2 == (n_layer - 1) % 2
 
 
 class RMSNorm(torch.autograd.Function):
@@ -203,7 +211,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache):
+    def forward(self, x, cos, sin, kv_cache, value_embed=None):
         B, T, C = x.size()
         if T > 1:
             # one matmul for q, k and v (~5% faster CPU steps); the weights stay separate matrices,
@@ -215,6 +223,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
+        if value_embed is not None:
+            v = v + value_embed.to(v.dtype).view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         if kv_cache is not None:
@@ -254,8 +264,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache):
-        x = x + self.attn(norm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache, value_embed=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache, value_embed)
         x = x + self.mlp(norm(x))
         return x
 
@@ -269,6 +279,14 @@ class GPT(nn.Module):
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.x0_mixing:
+            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        # value embeddings (ResFormer, https://arxiv.org/abs/2410.17897): a cheap lookup that gives attention a
+        # direct path to token identity; keyed by layer index
+        kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim) for i in range(config.n_layer)
+                                           if config.value_embeds and has_value_embed(i, config.n_layer)})
         # rotary tables cover 10x the training length so the engine can generate past it;
         # non-persistent: they are recomputed, never stored in checkpoints
         self.rotary_seq_len = config.sequence_len * 10
@@ -286,6 +304,12 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=1.0)
+        for embedding in self.value_embeds.values():
+            # small next to the values themselves (rms ~1): the path starts nearly silent and is learned
+            nn.init.normal_(embedding.weight, mean=0.0, std=self.config.n_embd ** -0.5)
+        if self.config.x0_mixing:
+            nn.init.ones_(self.resid_lambdas)  # start as the plain residual stream
+            nn.init.zeros_(self.x0_lambdas)
         # zero output projections: each residual branch starts as a no-op, the head starts uniform
         nn.init.zeros_(self.lm_head.weight)
         for block in self.transformer.h:
@@ -310,13 +334,18 @@ class GPT(nn.Module):
 
     def estimate_flops(self):
         """FLOPs per token for forward+backward: 6 per non-embedding weight, plus attention's QK^T and AV."""
-        nparams_embedding = self.transformer.wte.weight.numel()
+        # lookups and per-layer scalar gains are not matmuls
+        nparams_embedding = sum(p.numel() for p in self.embedding_parameters()) + sum(p.numel() for p in self.parameters() if p.ndim < 2)
         cfg = self.config
         head_dim = cfg.n_embd // cfg.n_head
         attention = 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
         return 6 * (self.num_params() - nparams_embedding) + attention
 
-    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, compute_dtype=None):
+    def embedding_parameters(self):
+        return list(self.transformer.wte.parameters()) + list(self.value_embeds.parameters())
+
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, compute_dtype=None,
+                         scalar_lr=0.05):
         """
         Muon for the 2-D matrices inside the blocks, AdamW for the embedding and the head.
         AdamW learning rates are tuned at width 768 and scaled by (width/768)^-0.5.
@@ -325,14 +354,18 @@ class GPT(nn.Module):
         """
         from nanochat.optim import make_adamw, make_muon
         matrix_params = list(self.transformer.h.parameters())
-        embedding_params = list(self.transformer.wte.parameters())
+        embedding_params = self.embedding_parameters()
         head_params = list(self.lm_head.parameters())
-        assert len(matrix_params) + len(embedding_params) + len(head_params) == len(list(self.parameters()))
+        scalar_params = [self.resid_lambdas, self.x0_lambdas] if self.config.x0_mixing else []
+        assert len(matrix_params) + len(embedding_params) + len(head_params) + len(scalar_params) == len(list(self.parameters()))
         width_scale = (self.config.n_embd / 768) ** -0.5
         adam_groups = [
             dict(params=head_params, lr=unembedding_lr * width_scale),
             dict(params=embedding_params, lr=embedding_lr * width_scale),
         ]
+        if scalar_params:
+            # the residual gain moves slowly (it rescales everything after it), the x0 gain freely
+            adam_groups += [dict(params=[self.resid_lambdas], lr=scalar_lr * 0.1), dict(params=[self.x0_lambdas], lr=scalar_lr)]
         is_distributed = get_dist_info()[0]
         adamw = make_adamw(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay,
                            distributed=is_distributed)
@@ -356,9 +389,12 @@ class GPT(nn.Module):
         if pos + T > self.cos.size(1):
             raise ValueError(f"sequence of {pos + T} tokens exceeds the rotary table ({self.cos.size(1)})")
         cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
-        x = norm(self.transformer.wte(idx))
-        for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache)
+        x = x0 = norm(self.transformer.wte(idx))
+        for i, block in enumerate(self.transformer.h):
+            if self.config.x0_mixing:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            value_embed = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, cos, sin, kv_cache, value_embed)
         x = norm(x)
         if targets is not None and loss_reduction == "mean" and x.device.type == "cpu" and torch.is_grad_enabled():
             compute_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
@@ -385,17 +421,20 @@ class GPT(nn.Module):
         tables = getattr(kv_cache, "decode_tables", None)  # any cache object with insert_kv/get_pos works
         if tables is not None and tables[0] is self:
             return tables[1]
-        blocks = self.transformer.h
+        blocks, cfg = self.transformer.h, self.config
         weights = [w for block in blocks for w in (block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight,
                                                    block.attn.c_proj.weight, block.mlp.c_fc.weight, block.mlp.c_proj.weight)]
         weights += [self.lm_head.weight, self.transformer.wte.weight, self.cos, self.sin]
+        weights += [p for p in self.parameters() if p.ndim < 2] + [e.weight for e in self.value_embeds.values()]
         key = tuple((id(w), w.data_ptr(), w._version) for w in weights)
         cached = getattr(self, "_decode_cache", None)
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 layers = [(torch.cat([b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight]).t(),
-                           b.attn.c_proj.weight.t(), b.mlp.c_fc.weight.t(), b.mlp.c_proj.weight.t(), b.attn.layer_idx)
-                          for b in blocks]
+                           b.attn.c_proj.weight.t(), b.mlp.c_fc.weight.t(), b.mlp.c_proj.weight.t(), b.attn.layer_idx,
+                           self.value_embeds[str(i)].weight if str(i) in self.value_embeds else None,
+                           (self.resid_lambdas[i].item(), self.x0_lambdas[i].item()) if cfg.x0_mixing else None)
+                          for i, b in enumerate(blocks)]
                 cos, sin = self.cos[0, :, 0], self.sin[0, :, 0]  # [T, D/2]
                 # rotate-half as one multiply-add: x * [cos, cos] + swap_halves(x) * [sin, -sin] (bit-identical)
                 dtype = self.lm_head.weight.dtype
@@ -420,9 +459,14 @@ class GPT(nn.Module):
         cfg = self.config
         H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
         rotary = (cos2[pos], sin2[pos])
-        x = decode_norm(F.embedding(idx.view(B), wte))
-        for w_qkv, w_o, w_fc, w_proj, layer_idx in layers:
-            y = self._decode_attention(torch.mm(decode_norm(x), w_qkv), rotary, kv_cache, layer_idx, H, Hkv, D)
+        x = x0 = decode_norm(F.embedding(idx.view(B), wte))
+        for w_qkv, w_o, w_fc, w_proj, layer_idx, value_embed, lambdas in layers:
+            if lambdas is not None:
+                x = lambdas[0] * x + lambdas[1] * x0
+            qkv = torch.mm(decode_norm(x), w_qkv)
+            if value_embed is not None:
+                qkv[:, (H + Hkv) * D:] += F.embedding(idx.view(B), value_embed).to(qkv.dtype)
+            y = self._decode_attention(qkv, rotary, kv_cache, layer_idx, H, Hkv, D)
             x = torch.addmm(x, y, w_o)
             x = torch.addmm(x, torch.relu_(torch.mm(decode_norm(x), w_fc)).square_(), w_proj)
         logits = torch.mm(decode_norm(x), head)

@@ -40,6 +40,10 @@ parser.add_argument("--dtype", type=str, default="auto", choices=["auto", "float
 parser.add_argument("--depth", type=int, default=20, help="number of layers; width = depth*64 rounded up to the 128 head dim")
 parser.add_argument("--n-kv-head", type=int, default=None, help="key/value heads for GQA (default: as many as query heads)")
 parser.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
+parser.add_argument("--x0-mixing", type=int, default=0, choices=[0, 1],
+                    help="1 = blocks also see the token embedding through learned per-layer gains (A/B: no gain at depth 4)")
+parser.add_argument("--value-embeds", type=int, default=1, choices=[0, 1],
+                    help="1 = every other layer adds a token embedding to its attention values (A/B: -0.06 val bpb at depth 4)")
 # horizon: the first of these that is > 0 wins
 parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = derive from the flags below)")
 parser.add_argument("--target-flops", type=float, default=-1.0, help="train for this many FLOPs (-1 = off)")
@@ -86,7 +90,8 @@ token_bytes = get_token_bytes(device=device)
 vocab_size = tokenizer.get_vocab_size()
 
 try:
-    model_config = model_config_from_depth(args.depth, vocab_size, args.max_seq_len, args.n_kv_head)
+    model_config = dataclasses.replace(model_config_from_depth(args.depth, vocab_size, args.max_seq_len, args.n_kv_head),
+                                       x0_mixing=bool(args.x0_mixing), value_embeds=bool(args.value_embeds))
 except ValueError as e:
     parser.error(str(e))
 with torch.device("meta"):
@@ -95,9 +100,12 @@ model.to_empty(device=device)
 model.init_weights()
 orig_model = model  # saving, sampling and evaluating use the uncompiled module
 num_params = model.num_params()
+# the Chinchilla horizon counts the parameters of the plain model: value embeddings are extra lookup tables
+# (hundreds of millions of entries at depth 20) that must not stretch the token budget they were A/B'd at
+num_scaling_params = num_params - sum(p.numel() for p in model.value_embeds.parameters())
 flops_per_token = model.estimate_flops()
 print0(f"model: {dataclasses.asdict(model_config)}")
-print0(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:e}")
+print0(f"parameters: {num_params:,} ({num_scaling_params:,} without value embeddings) | FLOPs per token: {flops_per_token:e}")
 
 # horizon
 tokens_per_step = args.total_batch_size
@@ -106,7 +114,7 @@ if args.num_iterations > 0:
 elif args.target_flops > 0:
     num_iterations = round(args.target_flops / (flops_per_token * tokens_per_step))
 elif args.target_param_data_ratio > 0:
-    num_iterations = int(args.target_param_data_ratio * num_params) // tokens_per_step
+    num_iterations = int(args.target_param_data_ratio * num_scaling_params) // tokens_per_step
 else:
     parser.error("set one of --num-iterations, --target-flops, --target-param-data-ratio to a positive value")
 if num_iterations < 1:
@@ -120,7 +128,7 @@ if eval_steps < 1:
     parser.error(f"--eval-tokens {args.eval_tokens} is less than one batch over all ranks "
                  f"({args.device_batch_size * args.max_seq_len * world_size} tokens); raise it")
 print0(f"steps: {num_iterations:,} | tokens per step: {tokens_per_step:,} | grad accumulation: {grad_accum_steps} | "
-       f"total tokens: {num_iterations * tokens_per_step:,} | tokens per parameter: {num_iterations * tokens_per_step / num_params:.1f}")
+       f"total tokens: {num_iterations * tokens_per_step:,} | tokens per parameter: {num_iterations * tokens_per_step / num_scaling_params:.1f}")
 
 optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                     matrix_lr=args.matrix_lr, weight_decay=args.weight_decay, compute_dtype=compute_dtype)
@@ -140,7 +148,7 @@ if args.resume_from_step is not None:
         parser.error(f"cannot resume: {e}")
     if meta["model_config"] != dataclasses.asdict(model_config):
         parser.error(f"cannot resume: the checkpoint's model {meta['model_config']} differs from this one "
-                     f"{dataclasses.asdict(model_config)}; use the same --depth/--max-seq-len/--n-kv-head and tokenizer")
+                     f"{dataclasses.asdict(model_config)}; use the same --depth/--max-seq-len/--n-kv-head/--x0-mixing/--value-embeds and tokenizer")
     model.load_state_dict(model_data, strict=True)
     for opt, state in zip(optimizers, optimizer_data["optimizers"]):
         opt.load_state_dict(state)
@@ -268,7 +276,7 @@ get_report().log(section="Base model training", data=[
         "FLOPs per token": f"{flops_per_token:e}",
         "Calculated number of iterations": num_iterations,
         "Number of training tokens": num_iterations * tokens_per_step,
-        "Tokens : params ratio": num_iterations * tokens_per_step / num_params,
+        "Tokens : params ratio": num_iterations * tokens_per_step / num_scaling_params,
         "DDP world size": world_size,
         "Total training FLOPs": f"{flops_per_token * num_iterations * tokens_per_step:e}",
         "Initial val bpb": initial_val_bpb if initial_val_bpb is not None else "n/a",

@@ -2,6 +2,7 @@
 Base pretraining end to end on the embedded sample: the real script in real subprocesses (and under
 torchrun with gloo), checkpoints, exact resume, bits per byte, and the loop's helpers.
 """
+import dataclasses
 import math
 import os
 import re
@@ -93,7 +94,7 @@ def test_torchrun_matches_one_process_with_twice_the_accumulation(trained_base_d
     os.environ["NANOCHAT_DATA"] = "sample"
     torch.manual_seed(42)  # what compute_init seeds
     with torch.device("meta"):
-        model = GPT(model_config_from_depth(2, tiny_tokenizer.get_vocab_size(), 64))
+        model = GPT(dataclasses.replace(model_config_from_depth(2, tiny_tokenizer.get_vocab_size(), 64), value_embeds=True))
     model.to_empty(device="cpu")
     model.init_weights()
     optimizers = model.setup_optimizers(compute_dtype=torch.float32)

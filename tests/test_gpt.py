@@ -1,4 +1,5 @@
 """The GPT model: sizing, init, loss, the KV-cache path and the naive sampler."""
+import dataclasses
 import math
 
 import pytest
@@ -25,15 +26,18 @@ class SimpleKVCache:
         return self.keys[layer_idx], self.values[layer_idx]
 
 
-def make_model(depth=2, vocab_size=256, sequence_len=64, n_kv_head=None, seed=0, random_outputs=False):
+def make_model(depth=2, vocab_size=256, sequence_len=64, n_kv_head=None, seed=0, random_outputs=False, **tricks):
     torch.manual_seed(seed)
-    model = GPT(model_config_from_depth(depth, vocab_size, sequence_len, n_kv_head))
+    model = GPT(dataclasses.replace(model_config_from_depth(depth, vocab_size, sequence_len, n_kv_head), **tricks))
     model.init_weights()
     if random_outputs:  # zero-initialised projections make every position look alike; break that for comparisons
         with torch.no_grad():
             for p in model.parameters():
                 if p.ndim == 2 and p.abs().sum() == 0:
                     p.normal_(0, 0.02)
+            if model.config.x0_mixing:  # gains away from their (1, 0) start, so both paths matter
+                model.resid_lambdas.uniform_(0.5, 1.5)
+                model.x0_lambdas.uniform_(0.2, 1.0)
     return model
 
 
@@ -93,9 +97,10 @@ def test_overfits_a_single_batch():
     assert loss.item() < 0.5, f"could not memorise one batch: loss {first:.2f} -> {loss.item():.2f}"
 
 
-@pytest.mark.parametrize("n_kv_head", [None, 1])
-def test_kv_cache_matches_full_forward(n_kv_head):
-    model = make_model(depth=4, vocab_size=128, n_kv_head=n_kv_head, random_outputs=True)
+@pytest.mark.parametrize("n_kv_head,tricks", [(None, {}), (1, {}), (None, dict(x0_mixing=True, value_embeds=True)),
+                                              (1, dict(value_embeds=True))])
+def test_kv_cache_matches_full_forward(n_kv_head, tricks):
+    model = make_model(depth=4, vocab_size=128, n_kv_head=n_kv_head, random_outputs=True, **tricks)
     model.eval()
     idx = torch.randint(0, 128, (2, 21))
     with torch.no_grad():
@@ -204,3 +209,33 @@ def test_training_step_in_bf16_tracks_fp32():
     for name, a, b in zip([n for n, _ in model.named_parameters()], bf16_grads, fp32_grads):
         assert a.dtype == torch.float32, name
         assert (a - b).norm() <= 0.05 * b.norm() + 1e-6, name
+
+
+def test_speedrun_tricks_are_wired_in():
+    """x0 mixing and value embeddings: where they sit, which optimizer owns them, that they learn and change the output."""
+    plain = make_model(depth=3, random_outputs=True)
+    model = make_model(depth=3, random_outputs=True, x0_mixing=True, value_embeds=True)
+    assert sorted(model.value_embeds) == ["0", "2"]  # every other layer, the last included
+    kv_dim = model.config.n_kv_head * 128
+    assert model.num_params() == plain.num_params() + 2 * 3 + 2 * 256 * kv_dim
+    assert model.estimate_flops() == plain.estimate_flops()  # lookups and scalar gains cost no matmul FLOPs
+    adamw, muon = model.setup_optimizers()
+    adam_params = {id(p) for group in adamw.param_groups for p in group["params"]}
+    assert {id(model.resid_lambdas), id(model.x0_lambdas)} | {id(e.weight) for e in model.value_embeds.values()} <= adam_params
+    assert not adam_params & {id(p) for group in muon.param_groups for p in group["params"]}
+    idx = torch.randint(0, 256, (2, 32))
+    before = model(idx).detach()
+    model(idx, torch.roll(idx, -1, dims=1)).backward()
+    assert model.x0_lambdas.grad.abs().min() > 0 and model.value_embeds["2"].weight.grad.abs().sum() > 0
+    for opt in (adamw, muon):
+        opt.step()
+    assert not torch.allclose(model(idx), before)
+    with torch.no_grad():
+        model.x0_lambdas.zero_()
+        for embedding in model.value_embeds.values():
+            embedding.weight.zero_()
+        model.resid_lambdas.fill_(1.0)
+    # with both switched to neutral the model computes what the same weights compute without the tricks
+    twin = make_model(depth=3)
+    twin.load_state_dict({k: v for k, v in model.state_dict().items() if k in twin.state_dict()})
+    torch.testing.assert_close(model(idx), twin(idx))
