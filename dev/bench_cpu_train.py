@@ -15,6 +15,7 @@ Muon's Newton-Schulz costs the same per optimizer step whatever the batch, so wi
 fades. Both settings are printed.
 """
 import argparse
+import dataclasses
 import statistics
 import time
 from contextlib import nullcontext
@@ -100,6 +101,7 @@ def main():
                         help="micro-batches per optimizer step to measure (the CPU speedrun profile uses 2: 8192 tokens per step)")
     parser.add_argument("--dtypes", type=str, nargs="+", default=["auto", "float32"], choices=["auto", "float32", "bfloat16"],
                         help="compute dtypes to run ours in (the reference is always fp32)")
+    parser.add_argument("--value-embeds", type=int, default=1, choices=[0, 1], help="ours with value embeddings (base_train's default)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -111,7 +113,8 @@ def main():
           f"auto dtype here: {get_compute_dtype(cpu)}")
     for depth, dtype_name, grad_accum in ((d, t, g) for d in args.depths for t in args.dtypes for g in args.grad_accums):
         dtype = get_compute_dtype(cpu, dtype_name)
-        config = model_config_from_depth(depth, args.vocab_size, args.seq_len)
+        # the model base_train trains (value embeddings on: extra lookups and AdamW entries, no extra matmuls)
+        config = dataclasses.replace(model_config_from_depth(depth, args.vocab_size, args.seq_len), value_embeds=bool(args.value_embeds))
         torch.manual_seed(0)
         ours = GPT(config)
         ours.init_weights()
