@@ -5,7 +5,7 @@
 #   WANDB_RUN=speedrun bash speedrun.sh   # same, logging to Weights & Biases
 #
 # On a machine without a GPU it runs the CPU profile instead: a tiny model trained on the embedded
-# sample corpus (offline, ~11 minutes on 2 cores), so the whole pipeline can be tried on a laptop.
+# sample corpus (offline, ~7 minutes on 2 cores with AMX, ~12 without), so the whole pipeline can be tried on a laptop.
 set -euo pipefail
 cd "$(dirname "$0")"
 

@@ -10,7 +10,7 @@ PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo pyt
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 STEPS=${STEPS:-50} DEPTHS=${DEPTHS:-"12 20"} DEVICE_BATCH=${DEVICE_BATCH:-32} SEQ_LEN=${SEQ_LEN:-2048} VOCAB=${VOCAB:-32768} \
 PYTHONPATH=. timeout 470 "$PYTHON" - <<'PY'
-import os, time
+import dataclasses, os, time
 import torch
 from nanochat.gpt import GPT, model_config_from_depth
 from nanochat.training import get_peak_flops
@@ -26,10 +26,10 @@ for depth in [int(d) for d in os.environ["DEPTHS"].split()]:
     torch.manual_seed(0)
     torch.cuda.reset_peak_memory_stats()
     with torch.device("meta"):
-        model = GPT(model_config_from_depth(depth, vocab, seq_len))
+        model = GPT(dataclasses.replace(model_config_from_depth(depth, vocab, seq_len), value_embeds=True))  # base_train's default
     model.to_empty(device=device)
     model.init_weights()
-    optimizers = model.setup_optimizers()
+    optimizers = model.setup_optimizers(compute_dtype=torch.bfloat16)
     compiled = torch.compile(model, dynamic=False)
     inputs = torch.randint(0, vocab, (batch, seq_len), device=device)
     targets = torch.randint(0, vocab, (batch, seq_len), device=device)
