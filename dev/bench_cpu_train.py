@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.common import autocast_context, get_compute_dtype
+from nanochat.common import COMPUTE_DTYPES, autocast_context, get_compute_dtype
 from nanochat.gpt import GPT, model_config_from_depth
 
 
@@ -66,10 +66,10 @@ class ReferenceGPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
 
-def make_step(model, optimizers, inputs, targets, grad_accum, autocast=None):
+def make_step(model, optimizers, inputs, targets, grad_accum, autocast=nullcontext()):
     def step():
         for _ in range(grad_accum):
-            with autocast or nullcontext():
+            with autocast:
                 loss = model(inputs, targets) / grad_accum
             loss.backward()
         for opt in optimizers:
@@ -99,7 +99,7 @@ def main():
     parser.add_argument("--steps", type=int, default=1, help="optimizer steps per timing round")
     parser.add_argument("--grad-accums", type=int, nargs="+", default=[1, 2],
                         help="micro-batches per optimizer step to measure (the CPU speedrun profile uses 2: 8192 tokens per step)")
-    parser.add_argument("--dtypes", type=str, nargs="+", default=["auto", "float32"], choices=["auto", "float32", "bfloat16"],
+    parser.add_argument("--dtypes", type=str, nargs="+", default=["auto", "float32"], choices=COMPUTE_DTYPES,
                         help="compute dtypes to run ours in (the reference is always fp32)")
     parser.add_argument("--value-embeds", type=int, default=1, choices=[0, 1], help="ours with value embeddings (base_train's default)")
     args = parser.parse_args()

@@ -49,11 +49,13 @@ def cpu_has_fast_bf16():
     than fp32, so the answer must come from the hardware, not be assumed. A flag, not a timing, so
     every rank of a distributed run decides the same.
     """
-    is_amx_supported = getattr(torch.cpu, "_is_amx_tile_supported", None)
     try:
-        return bool(is_amx_supported()) if is_amx_supported is not None else False
-    except RuntimeError:
+        return bool(torch.cpu._is_amx_tile_supported())  # private, so tolerate it moving or failing
+    except (AttributeError, RuntimeError):
         return False
+
+
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # the --dtype choices
 
 
 def get_compute_dtype(device, requested="auto"):
@@ -61,7 +63,7 @@ def get_compute_dtype(device, requested="auto"):
     The dtype matmuls run in under autocast (weights stay fp32). auto: bf16 on CUDA (fp32 on GPUs without
     bf16), bf16 on CPUs with AMX, fp32 on other CPUs and on MPS.
     """
-    if requested not in ("auto", "float32", "bfloat16"):
+    if requested not in COMPUTE_DTYPES:
         raise ValueError(f"--dtype must be auto, float32 or bfloat16 (got {requested!r})")
     if requested == "float32":
         return torch.float32

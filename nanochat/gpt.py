@@ -335,7 +335,7 @@ class GPT(nn.Module):
     def estimate_flops(self):
         """FLOPs per token for forward+backward: 6 per non-embedding weight, plus attention's QK^T and AV."""
         # lookups and per-layer scalar gains are not matmuls
-        nparams_embedding = sum(p.numel() for p in self.embedding_parameters()) + sum(p.numel() for p in self.parameters() if p.ndim < 2)
+        nparams_embedding = sum(p.numel() for p in self.embedding_parameters() + self.scalar_parameters())
         cfg = self.config
         head_dim = cfg.n_embd // cfg.n_head
         attention = 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
@@ -343,6 +343,9 @@ class GPT(nn.Module):
 
     def embedding_parameters(self):
         return list(self.transformer.wte.parameters()) + list(self.value_embeds.parameters())
+
+    def scalar_parameters(self):
+        return [self.resid_lambdas, self.x0_lambdas] if self.config.x0_mixing else []
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, compute_dtype=None,
                          scalar_lr=0.05):
@@ -356,7 +359,7 @@ class GPT(nn.Module):
         matrix_params = list(self.transformer.h.parameters())
         embedding_params = self.embedding_parameters()
         head_params = list(self.lm_head.parameters())
-        scalar_params = [self.resid_lambdas, self.x0_lambdas] if self.config.x0_mixing else []
+        scalar_params = self.scalar_parameters()
         assert len(matrix_params) + len(embedding_params) + len(head_params) + len(scalar_params) == len(list(self.parameters()))
         width_scale = (self.config.n_embd / 768) ** -0.5
         adam_groups = [
@@ -425,7 +428,7 @@ class GPT(nn.Module):
         weights = [w for block in blocks for w in (block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight,
                                                    block.attn.c_proj.weight, block.mlp.c_fc.weight, block.mlp.c_proj.weight)]
         weights += [self.lm_head.weight, self.transformer.wte.weight, self.cos, self.sin]
-        weights += [p for p in self.parameters() if p.ndim < 2] + [e.weight for e in self.value_embeds.values()]
+        weights += self.scalar_parameters() + [e.weight for e in self.value_embeds.values()]
         key = tuple((id(w), w.data_ptr(), w._version) for w in weights)
         cached = getattr(self, "_decode_cache", None)
         if cached is None or cached[0] != key:

@@ -80,18 +80,14 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_add_(params, list(updates.unbind(0)), alpha=-group["lr"])
 
 
-class DistMuon(torch.optim.Optimizer):
+class DistMuon(Muon):
     """
     Muon across ranks. Parameters of one shape are taken world_size at a time: one reduce_scatter
     hands rank r the averaged gradient of the r-th matrix, rank r runs momentum + Newton-Schulz on
     it alone (the expensive part is split, not repeated), one all_gather brings every updated
-    matrix back to every rank. Momentum buffers live only on the owning rank.
+    matrix back to every rank. Momentum buffers live only on the owning rank (one per matrix, not
+    per stacked group). Same settings as Muon; only step() differs.
     """
-
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=None):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
-        super().__init__(_muon_param_groups(params), defaults)
-        self.ns_dtype = ns_dtype  # not a group setting: a resumed run follows its own --dtype, not the checkpoint's
 
     @torch.no_grad()
     def step(self):

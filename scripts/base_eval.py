@@ -15,7 +15,8 @@ import time
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import autocast_context, compute_cleanup, compute_init, get_base_dir, get_compute_dtype, print0
+from nanochat.common import (COMPUTE_DTYPES, autocast_context, compute_cleanup, compute_init, get_base_dir,
+                             get_compute_dtype, print0)
 from nanochat.core_eval import EVAL_BUNDLE_URL, download_eval_bundle, evaluate_core
 from nanochat.report import get_report
 
@@ -23,7 +24,7 @@ parser = argparse.ArgumentParser(description="Evaluate a base model on the CORE 
 parser.add_argument("--model-tag", type=str, default=None, help="checkpoint tag, e.g. d20 (default: the largest model)")
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
 parser.add_argument("--max-per-task", type=int, default=-1, help="evaluate at most this many examples per task (-1 = all)")
-parser.add_argument("--dtype", type=str, default="auto", choices=["auto", "float32", "bfloat16"],
+parser.add_argument("--dtype", type=str, default="auto", choices=COMPUTE_DTYPES,
                     help="matmul dtype; auto = bf16 on CUDA and on CPUs with AMX, else fp32")
 parser.add_argument("--device-type", type=str, default=None, help="cuda|mps|cpu (default: autodetect)")
 parser.add_argument("--bundle-url", type=str, default=EVAL_BUNDLE_URL, help="where to download the eval bundle zip from if it is not in the base dir yet")

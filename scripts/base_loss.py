@@ -7,9 +7,8 @@ plus greedy completions of a few fixed prompts.
 """
 import argparse
 
-
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import autocast_context, compute_cleanup, compute_init, get_compute_dtype, print0
+from nanochat.common import COMPUTE_DTYPES, autocast_context, compute_cleanup, compute_init, get_compute_dtype, print0
 from nanochat.dataloader import PretrainLoader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
@@ -26,7 +25,7 @@ PROMPTS = [
 ]
 
 parser = argparse.ArgumentParser(description="Bits per byte and samples of a base model")
-parser.add_argument("--dtype", type=str, default="auto", choices=["auto", "float32", "bfloat16"],
+parser.add_argument("--dtype", type=str, default="auto", choices=COMPUTE_DTYPES,
                     help="matmul dtype; auto = bf16 on CUDA and on CPUs with AMX, else fp32")
 parser.add_argument("--device-type", type=str, default="", help="cuda|mps|cpu (empty = autodetect)")
 parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per rank per forward pass")

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import find_last_step, load_checkpoint, save_checkpoint
-from nanochat.common import (autocast_context, compute_cleanup, compute_init, get_base_dir, get_compute_dtype, get_wandb,
-                             print0)
+from nanochat.common import (COMPUTE_DTYPES, autocast_context, compute_cleanup, compute_init, get_base_dir,
+                             get_compute_dtype, get_wandb, print0)
 from nanochat.dataloader import PretrainLoader
 from nanochat.gpt import GPT, model_config_from_depth
 from nanochat.loss_eval import evaluate_bpb
@@ -34,7 +34,7 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", 
 parser = argparse.ArgumentParser(description="Pretrain the base GPT")
 parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
 parser.add_argument("--device-type", type=str, default="", help="cuda|mps|cpu (empty = autodetect)")
-parser.add_argument("--dtype", type=str, default="auto", choices=["auto", "float32", "bfloat16"],
+parser.add_argument("--dtype", type=str, default="auto", choices=COMPUTE_DTYPES,
                     help="matmul dtype (weights stay fp32); auto = bf16 on CUDA and on CPUs with AMX, else fp32")
 # model
 parser.add_argument("--depth", type=int, default=20, help="number of layers; width = depth*64 rounded up to the 128 head dim")
