@@ -130,6 +130,15 @@ def read_local_rows(path):
     raise ValueError(f"don't know how to read {path}: use a .parquet, .jsonl(.gz) or .json(.gz) file")
 
 
+def use_stand_ins():
+    """
+    NANOCHAT_DATA=sample (the CPU profile, the tests, any offline machine) swaps the hub's chat data sets for
+    the offline stand-ins (arithmetic.py, wikiqa.py, wordnet_mc.py, chatterbot.py, the identity and
+    spelling tasks); the scripts label every stand-in score as such.
+    """
+    return os.environ.get("NANOCHAT_DATA", "").lower() == "sample"
+
+
 def load_hub_dataset(hub_name, config, split, path=None):
     """
     The rows of a dataset: from a local file in the hub's own schema when path= is given (how
@@ -145,8 +154,8 @@ def load_hub_dataset(hub_name, config, split, path=None):
     except Exception as error:  # no network, hub down, offline mode...: all end the same way for the user
         raise RuntimeError(
             f"could not load {hub_name} (config={config}, split={split}) from the Hugging Face hub: {error}\n"
-            f"If this machine cannot reach the hub, download the split elsewhere and pass path=<file.parquet|file.jsonl> "
-            f"to the task to read it locally."
+            f"If this machine cannot reach the hub, set NANOCHAT_DATA=sample to train and evaluate on the offline "
+            f"stand-ins, or download the split elsewhere and pass path=<file.parquet|file.jsonl> to the task."
         ) from error
 
 
