@@ -16,6 +16,7 @@ fades. Both settings are printed.
 """
 import argparse
 import dataclasses
+import itertools
 import statistics
 import time
 from contextlib import nullcontext
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from nanochat.common import COMPUTE_DTYPES, autocast_context, get_compute_dtype
 from nanochat.gpt import GPT, model_config_from_depth
+from nanochat.training import train_step
 
 
 class ReferenceBlock(nn.Module):
@@ -58,25 +60,19 @@ class ReferenceGPT(nn.Module):
             if p.ndim == 2:
                 nn.init.normal_(p, std=0.02)
 
-    def forward(self, idx, targets):
+    def forward(self, idx, targets, loss_reduction="mean"):
         x = self.wte(idx) + self.wpe(torch.arange(idx.size(1)))
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1, reduction=loss_reduction)
 
 
 def make_step(model, optimizers, inputs, targets, grad_accum, autocast=nullcontext()):
-    def step():
-        for _ in range(grad_accum):
-            with autocast:
-                loss = model(inputs, targets) / grad_accum
-            loss.backward()
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        return loss.item()
-    return step
+    """One optimizer step through the training loop's own train_step (the reference goes through it too)."""
+    batches = itertools.repeat((inputs, targets))
+    muon_momentum = 0.95 if len(optimizers) > 1 else None  # ours is [AdamW, Muon]; the reference has AdamW only
+    return lambda: train_step(model, optimizers, batches, grad_accum, autocast, 1.0, muon_momentum)[0].item()
 
 
 def tokens_per_second(step, tokens, steps):
@@ -121,6 +117,7 @@ def main():
         ours_optimizers = ours.setup_optimizers(compute_dtype=dtype)
         reference = ReferenceGPT(args.vocab_size, args.seq_len, config.n_layer, config.n_head, config.n_embd)
         reference_optimizers = [torch.optim.AdamW(reference.parameters(), lr=3e-4)]
+        reference_optimizers[0].param_groups[0]["initial_lr"] = 3e-4  # what train_step's lr schedule scales
         ours_step = make_step(ours, ours_optimizers, inputs, targets, grad_accum, autocast_context(cpu, dtype))
         reference_step = make_step(reference, reference_optimizers, inputs, targets, grad_accum)
         ours_step(), reference_step()  # warm up allocator and kernels

@@ -1,6 +1,9 @@
 """
-The pretraining dataloader: reads this rank's stride of parquet row groups, tokenizes documents in
-batches on the tokenizer's threads, and packs them into rows of seq_len+1 tokens.
+The loaders that turn documents and conversations into training batches.
+
+PretrainLoader reads this rank's stride of parquet row groups, tokenizes documents in batches on the
+tokenizer's threads, and packs them into rows of seq_len+1 tokens. ConversationLoader (midtraining)
+packs rendered conversations the same way. SFTLoader puts one conversation per row, padded.
 
 BOS-aligned best-fit packing: every row starts with a document's <|bos|>, so the model never sees a
 row that begins mid-document without context. A row is filled with whole documents, always taking
@@ -8,9 +11,9 @@ the longest document in the buffer that still fits in the space left; only when 
 one cropped (the shortest, so the fewest tokens are thrown away) to fill the row exactly. The cropped
 remainder is dropped rather than carried over, because it would start a row without a BOS.
 
-Exact resume: the loader's whole state is (epoch, the last row group read, and which documents sit in
-the buffer, by location). state_dict() records that; a loader built with resume_state re-reads and
-re-tokenizes those documents and then yields exactly the batches the original would have yielded.
+Exact resume: a loader's whole state is where its stream is and which documents sit in the buffer, by
+location. state_dict() records that; a loader built with resume_state re-reads and re-tokenizes those
+documents and then yields exactly the batches the original would have yielded.
 """
 import bisect
 import itertools
@@ -23,30 +26,116 @@ from nanochat.common import get_dist_info, logger
 from nanochat.dataset import iter_row_groups, open_parquet, read_row_group, split_files
 
 
-class PretrainLoader:
-    def __init__(self, tokenizer, batch_size, seq_len, split, device="cpu", resume_state=None,
-                 rank=None, world_size=None, buffer_size=1000, tokenizer_threads=4, data_dir=None):
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val' (got {split!r})")
+class EndOfSplit(Exception):
+    """A single-pass loader has read every document of its split."""
+
+
+def to_device(inputs, targets, device):
+    if device.type == "cuda":
+        # pinned memory lets the copy run asynchronously while the GPU works on the previous step
+        return (inputs.pin_memory().to(device, non_blocking=True), targets.pin_memory().to(device, non_blocking=True))
+    return inputs.to(device), targets.to(device)
+
+
+class BestFitPacker:
+    """
+    The packing buffer shared by the pretraining and midtraining loaders. Subclasses implement refill()
+    (add documents with add_document until the buffer holds buffer_size, or raise EndOfSplit when a
+    single-pass loader has nothing left). A document may carry a loss mask (0 = not a target).
+    """
+
+    def __init__(self, batch_size, seq_len, device, buffer_size):
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be positive (got {batch_size}, {seq_len})")
+        self.batch_size, self.seq_len, self.device, self.buffer_size = batch_size, seq_len, torch.device(device), buffer_size
+        # The document buffer, kept sorted by (length, arrival number) so best-fit is a binary search.
+        # The arrival number breaks ties deterministically, which exact resume depends on.
+        self.keys = []  # sorted (num_tokens, arrival)
+        self.docs = {}  # arrival -> (tokens, location)
+        self.masks = {}  # arrival -> loss mask, for documents that have one
+        self.arrivals = itertools.count()
+        self.tokens_emitted, self.tokens_cropped = 0, 0
+
+    def add_document(self, tokens, location, mask=None):
+        arrival = next(self.arrivals)
+        self.docs[arrival] = (tokens, location)
+        if mask is not None:
+            self.masks[arrival] = mask
+        bisect.insort(self.keys, (len(tokens), arrival))
+
+    def buffered_locations(self):
+        return [self.docs[arrival][1] for arrival in sorted(self.docs)]  # in arrival order
+
+    def take(self, key_index):
+        _, arrival = self.keys.pop(key_index)
+        return self.docs.pop(arrival)[0], self.masks.pop(arrival, None)
+
+    def next_row(self, row, mask_row=None):
+        """Fill row (a numpy array of seq_len+1) with whole documents, best fit first, cropping only when nothing fits."""
+        position, capacity = 0, len(row)
+        while position < capacity:
+            try:
+                self.refill()
+            except EndOfSplit:
+                if not self.keys:
+                    raise StopIteration from None  # a single pass is over; the partial row is dropped
+            space = capacity - position
+            fits = bisect.bisect_right(self.keys, (space, float("inf"))) - 1
+            if fits >= 0:
+                tokens, mask = self.take(fits)
+            else:  # nothing fits: crop the shortest document, losing as little as possible
+                tokens, mask = self.take(0)
+                self.tokens_cropped += len(tokens) - space
+                tokens, mask = tokens[:space], mask[:space] if mask is not None else None
+            row[position:position + len(tokens)] = tokens
+            if mask_row is not None:
+                mask_row[position:position + len(tokens)] = 1 if mask is None else mask
+            position += len(tokens)
+        self.tokens_emitted += capacity
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        rows = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
+        masks = np.empty_like(rows) if self.has_masks else None
+        for i, row in enumerate(rows):
+            self.next_row(row, masks[i] if masks is not None else None)
+        targets = rows[:, 1:].copy()
+        if masks is not None:
+            targets[masks[:, 1:] == 0] = -1  # masked tokens are inputs, never targets
+        return to_device(torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(targets), self.device)
+
+    has_masks = False  # True for loaders whose documents carry loss masks
+
+    @property
+    def cropped_fraction(self):
+        """Fraction of the documents' tokens thrown away by cropping, so far on this rank."""
+        total = self.tokens_emitted + self.tokens_cropped
+        return self.tokens_cropped / total if total else 0.0
+
+
+class PretrainLoader(BestFitPacker):
+    """
+    Pretraining batches from the parquet shards. single_pass=True reads the split once and then stops
+    (StopIteration), which is what an evaluation wants; otherwise it loops over the split in epochs.
+    """
+
+    def __init__(self, tokenizer, batch_size, seq_len, split, device="cpu", resume_state=None,
+                 rank=None, world_size=None, buffer_size=1000, tokenizer_threads=4, data_dir=None, single_pass=False):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val' (got {split!r})")
+        super().__init__(batch_size, seq_len, device, buffer_size)
         if rank is None or world_size is None:
             _, rank, _, world_size = get_dist_info()
         self.tokenizer = tokenizer
         self.bos = tokenizer.get_bos_token_id()
-        self.batch_size, self.seq_len, self.split = batch_size, seq_len, split
-        self.device = torch.device(device)
+        self.split, self.single_pass = split, single_pass
         self.rank, self.world_size = rank, world_size
-        self.buffer_size, self.tokenizer_threads, self.data_dir = buffer_size, tokenizer_threads, data_dir
+        self.tokenizer_threads, self.data_dir = tokenizer_threads, data_dir
         self.file_names = [os.path.basename(f) for f in split_files(split, data_dir)]
-        # The document buffer, kept sorted by (length, arrival number) so best-fit is a binary search.
-        # The arrival number breaks ties deterministically, which exact resume depends on.
-        self.keys = []  # sorted (num_tokens, arrival)
-        self.docs = {}  # arrival -> (tokens, (file_index, row_group, doc_index))
-        self.arrivals = itertools.count()
         self.epoch, self.cursor = 0, None  # cursor: (file_index, row_group) last read, None at an epoch's start
         self.documents_this_epoch = 0
-        self.tokens_emitted, self.tokens_cropped = 0, 0
         self.stream = None
         if resume_state is not None:
             self.load_state(resume_state)
@@ -63,6 +152,8 @@ class PretrainLoader:
                 self.cursor = (file_index, row_group)
                 self.documents_this_epoch += len(texts)
                 return file_index, row_group, texts
+            if self.single_pass:
+                raise EndOfSplit
             if self.documents_this_epoch == 0:  # a whole pass gave nothing: looping again would spin forever
                 raise RuntimeError(
                     f"rank {self.rank} of {self.world_size} got no data from the {self.split!r} split "
@@ -76,9 +167,7 @@ class PretrainLoader:
     def add_documents(self, texts, locations):
         token_lists = self.tokenizer.encode(texts, prepend=self.bos, num_threads=self.tokenizer_threads)
         for tokens, location in zip(token_lists, locations):
-            arrival = next(self.arrivals)
-            self.docs[arrival] = (tokens, location)
-            bisect.insort(self.keys, (len(tokens), arrival))
+            self.add_document(tokens, location)
 
     def refill(self):
         while len(self.keys) < max(self.buffer_size, 1):  # never empty: a row always needs a document
@@ -86,56 +175,11 @@ class PretrainLoader:
             self.add_documents(texts, [(file_index, row_group, i) for i in range(len(texts))])
 
     # ------------------------------------------------------------------
-    # packing
-
-    def take(self, key_index):
-        _, arrival = self.keys.pop(key_index)
-        return self.docs.pop(arrival)[0]
-
-    def next_row(self, row):
-        """Fill row (a numpy array of seq_len+1) with whole documents, best fit first, cropping only when nothing fits."""
-        position, capacity = 0, len(row)
-        while position < capacity:
-            self.refill()
-            space = capacity - position
-            fits = bisect.bisect_right(self.keys, (space, float("inf"))) - 1
-            if fits >= 0:
-                tokens = self.take(fits)
-            else:  # nothing fits: crop the shortest document, losing as little as possible
-                tokens = self.take(0)
-                self.tokens_cropped += len(tokens) - space
-                tokens = tokens[:space]
-            row[position:position + len(tokens)] = tokens
-            position += len(tokens)
-        self.tokens_emitted += capacity
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        rows = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
-        for row in rows:
-            self.next_row(row)
-        inputs = torch.from_numpy(rows[:, :-1].copy())
-        targets = torch.from_numpy(rows[:, 1:].copy())
-        if self.device.type == "cuda":
-            # pinned memory lets the copy run asynchronously while the GPU works on the previous step
-            return (inputs.pin_memory().to(self.device, non_blocking=True),
-                    targets.pin_memory().to(self.device, non_blocking=True))
-        return inputs.to(self.device), targets.to(self.device)
-
-    @property
-    def cropped_fraction(self):
-        """Fraction of the documents' tokens thrown away by cropping, so far on this rank."""
-        total = self.tokens_emitted + self.tokens_cropped
-        return self.tokens_cropped / total if total else 0.0
-
-    # ------------------------------------------------------------------
     # exact resume
 
     def state_dict(self):
         """A plain, JSON-able dict: where the stream is, and which documents are waiting in the buffer."""
-        buffered = [self.docs[arrival][1] for arrival in sorted(self.docs)]  # in arrival order
+        buffered = self.buffered_locations()
         return {
             "split": self.split, "rank": self.rank, "world_size": self.world_size, "files": self.file_names,
             "epoch": self.epoch, "cursor": list(self.cursor) if self.cursor else None,
@@ -167,3 +211,154 @@ class PretrainLoader:
             path = files[file_index]
             texts = read_row_group(open_parquet(path), path, row_group)
             self.add_documents([texts[i] for i in doc_indices], [(file_index, row_group, i) for i in doc_indices])
+
+
+class ConversationLoader(BestFitPacker):
+    """
+    Midtraining batches: conversations rendered in the chat format and packed BOS-aligned like
+    pretraining documents (each starts with <|bos|>). Rank r takes conversations r, r+W, r+2W, ... of the
+    dataset (any object with len() and [index] -> conversation, e.g. a TaskMixture). Which tokens are
+    targets is the tokenizer's rule for train_on (render_conversation). single_pass=True stops after
+    one pass (evaluation); otherwise passes repeat, each counted as an epoch.
+    """
+    has_masks = True
+
+    def __init__(self, dataset, tokenizer, batch_size, seq_len, device="cpu", resume_state=None, rank=None, world_size=None,
+                 buffer_size=100, single_pass=False, train_on="all"):
+        super().__init__(batch_size, seq_len, device, buffer_size)
+        if rank is None or world_size is None:
+            _, rank, _, world_size = get_dist_info()
+        if len(dataset) <= rank:
+            raise ValueError(f"rank {rank} gets no conversations: the dataset has {len(dataset)}, fewer than the {world_size} ranks")
+        self.dataset, self.tokenizer, self.train_on = dataset, tokenizer, train_on
+        self.rank, self.world_size, self.single_pass = rank, world_size, single_pass
+        self.epoch, self.next_index = 0, rank
+        if resume_state is not None:
+            self.load_state(resume_state)
+
+    def render(self, index):
+        try:
+            # whole, not truncated to a row: a long conversation must not look like a perfect fit to best-fit packing
+            ids, mask = self.tokenizer.render_conversation(self.dataset[index], max_tokens=10**9, train_on=self.train_on)
+        except ValueError as error:
+            raise ValueError(f"conversation {index} of the training data is malformed: {error}") from None
+        return ids, np.array(mask, dtype=np.int64)
+
+    def refill(self):
+        while len(self.keys) < max(self.buffer_size, 1):
+            if self.next_index >= len(self.dataset):
+                if self.single_pass:
+                    raise EndOfSplit
+                self.epoch, self.next_index = self.epoch + 1, self.rank
+                logger.info(f"rank {self.rank}: conversations exhausted, starting epoch {self.epoch}")
+            ids, mask = self.render(self.next_index)
+            self.add_document(ids, (self.epoch, self.next_index), mask)
+            self.next_index += self.world_size
+
+    @property
+    def epoch_progress(self):
+        """Epochs done so far, fractional (conversations taken into the buffer / dataset size)."""
+        return self.epoch + self.next_index / len(self.dataset)
+
+    def state_dict(self):
+        return {"rank": self.rank, "world_size": self.world_size, "num_conversations": len(self.dataset),
+                "epoch": self.epoch, "next_index": self.next_index, "buffer": [list(location) for location in self.buffered_locations()],
+                "tokens_emitted": self.tokens_emitted, "tokens_cropped": self.tokens_cropped}
+
+    def load_state(self, state):
+        check_same(state, {"rank": self.rank, "world_size": self.world_size, "num_conversations": len(self.dataset)})
+        self.epoch, self.next_index = state["epoch"], state["next_index"]
+        self.tokens_emitted, self.tokens_cropped = state["tokens_emitted"], state["tokens_cropped"]
+        for epoch, index in state["buffer"]:  # rendering is deterministic: the buffer comes back as it was
+            ids, mask = self.render(index)
+            self.add_document(ids, (epoch, index), mask)
+
+
+class SFTLoader:
+    """
+    SFT batches: one conversation per row, right-padded, targets only where the tokenizer's mask says the
+    assistant must learn (never user text, tool output or padding: those targets are -1).
+    The rows of one optimizer step (batch_size x grad_accum_steps x world_size conversations, in dataset
+    order) are sorted by length before they are dealt out to micro-batches and ranks, so rows of similar
+    length share a micro-batch and little is padded. The loss is normalised over the whole step
+    (training.train_step), so this reordering does not change the gradient.
+    """
+
+    def __init__(self, dataset, tokenizer, batch_size, max_seq_len, grad_accum_steps=1, device="cpu", resume_state=None,
+                 rank=None, world_size=None, single_pass=False, pad_multiple=8):
+        if rank is None or world_size is None:
+            _, rank, _, world_size = get_dist_info()
+        if len(dataset) == 0:
+            raise ValueError("the SFT dataset is empty")
+        self.dataset, self.tokenizer = dataset, tokenizer
+        self.batch_size, self.max_seq_len, self.grad_accum_steps = batch_size, max_seq_len, grad_accum_steps
+        self.device, self.rank, self.world_size = torch.device(device), rank, world_size
+        self.single_pass, self.pad_multiple = single_pass, pad_multiple
+        self.rows_per_step = batch_size * grad_accum_steps * world_size
+        self.pad_id = tokenizer.encode_special("<|assistant_end|>")  # any id: padded positions are never targets
+        self.micro_batches_taken = 0
+        self.tokens_total, self.tokens_padded = 0, 0
+        self._step_rows = (None, None)  # (step, its rendered rows sorted by length)
+        if resume_state is not None:
+            check_same(resume_state, {"world_size": world_size, "rows_per_step": self.rows_per_step, "num_conversations": len(dataset)})
+            self.micro_batches_taken = resume_state["micro_batches_taken"]
+            self.tokens_total, self.tokens_padded = resume_state["tokens_total"], resume_state["tokens_padded"]
+
+    def rows_of_step(self, step):
+        if self._step_rows[0] != step:
+            first = step * self.rows_per_step
+            indexes = range(first, first + self.rows_per_step)
+            if self.single_pass:
+                indexes = range(first, min(first + self.rows_per_step, len(self.dataset)))
+            rows = []
+            for position, index in enumerate(indexes):
+                conversation = self.dataset[index % len(self.dataset)]  # wraps around: the next epoch
+                try:
+                    ids, mask = self.tokenizer.render_conversation(conversation, max_tokens=self.max_seq_len + 1)
+                except ValueError as error:
+                    raise ValueError(f"conversation {index % len(self.dataset)} of the SFT data is malformed: {error}") from None
+                rows.append((len(ids), position, ids, mask))
+            self._step_rows = (step, sorted(rows, key=lambda row: row[:2]))
+        return self._step_rows[1]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        step, micro_step = divmod(self.micro_batches_taken, self.grad_accum_steps)
+        chunk = micro_step * self.world_size + self.rank  # which slice of the sorted rows is this rank's micro-batch
+        rows = self.rows_of_step(step)[chunk * self.batch_size:(chunk + 1) * self.batch_size]
+        if not rows:
+            raise StopIteration  # single pass: every conversation has been served
+        self.micro_batches_taken += 1
+        length = max(row[0] for row in rows) - 1
+        length = min(-(-length // self.pad_multiple) * self.pad_multiple, self.max_seq_len)  # fewer distinct shapes to compile
+        inputs = np.full((len(rows), length), self.pad_id, dtype=np.int64)
+        targets = np.full((len(rows), length), -1, dtype=np.int64)
+        for i, (num_tokens, _, ids, mask) in enumerate(rows):
+            ids, mask = np.array(ids), np.array(mask)
+            inputs[i, :num_tokens - 1] = ids[:-1]
+            targets[i, :num_tokens - 1] = np.where(mask[1:] == 1, ids[1:], -1)
+        self.tokens_total += inputs.size
+        self.tokens_padded += inputs.size - sum(row[0] - 1 for row in rows)
+        return to_device(torch.from_numpy(inputs), torch.from_numpy(targets), self.device)
+
+    @property
+    def padded_fraction(self):
+        return self.tokens_padded / self.tokens_total if self.tokens_total else 0.0
+
+    @property
+    def epoch_progress(self):
+        return self.micro_batches_taken // self.grad_accum_steps * self.rows_per_step / len(self.dataset)
+
+    def state_dict(self):
+        return {"world_size": self.world_size, "rows_per_step": self.rows_per_step, "num_conversations": len(self.dataset),
+                "micro_batches_taken": self.micro_batches_taken, "tokens_total": self.tokens_total, "tokens_padded": self.tokens_padded}
+
+
+def check_same(state, expected):
+    """A saved loader state only resumes exactly into a loader over the same data and ranks."""
+    for key, value in expected.items():
+        if state.get(key) != value:
+            raise ValueError(f"the loader state was saved with {key}={state.get(key)!r} but this loader has {key}={value!r}; "
+                             f"exact resume needs the same data, batch settings and ranks")

@@ -155,18 +155,18 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, compute_dtype=torch.float32, chunk_rows=256):
+    def forward(ctx, x, weight, targets, compute_dtype=torch.float32, reduction="mean", chunk_rows=256):
         # matmuls in compute_dtype (bf16 on AMX CPUs), softmax and both gradients accumulated in fp32;
         # explicit casts instead of autocast, which does not apply to the out=/in-place matmuls below
         with torch.autocast("cpu", enabled=False):
-            return SoftcapCrossEntropy._forward(ctx, x, weight, targets, compute_dtype, chunk_rows)
+            return SoftcapCrossEntropy._forward(ctx, x, weight, targets, compute_dtype, reduction, chunk_rows)
 
     @staticmethod
-    def _forward(ctx, x, weight, targets, compute_dtype, chunk_rows):
+    def _forward(ctx, x, weight, targets, compute_dtype, reduction, chunk_rows):
         grad_x, grad_weight = torch.empty_like(x), torch.zeros_like(weight)
         low_precision = not (compute_dtype == x.dtype == weight.dtype == torch.float32)
         weight_c = weight.to(compute_dtype)
-        count = (targets != -1).sum().clamp(min=1)
+        count = (targets != -1).sum().clamp(min=1) if reduction == "mean" else 1  # "sum": the caller normalises
         accumulate_dtype = torch.promote_types(x.dtype, torch.float32)  # softmax in at least fp32
         total = x.new_zeros((), dtype=accumulate_dtype)
         for start in range(0, x.size(0), chunk_rows):
@@ -195,7 +195,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_weight = ctx.saved_tensors
-        return grad_x * grad_loss, grad_weight * grad_loss, None, None, None
+        return grad_x * grad_loss, grad_weight * grad_loss, None, None, None, None
 
 
 class CausalSelfAttention(nn.Module):
@@ -399,9 +399,10 @@ class GPT(nn.Module):
             value_embed = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, cos, sin, kv_cache, value_embed)
         x = norm(x)
-        if targets is not None and loss_reduction == "mean" and x.device.type == "cpu" and torch.is_grad_enabled():
+        if targets is not None and loss_reduction in ("mean", "sum") and x.device.type == "cpu" and torch.is_grad_enabled():
             compute_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-            return SoftcapCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), compute_dtype)
+            return SoftcapCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), compute_dtype,
+                                             loss_reduction)
         logits = self.lm_head(x).float()
         # soft-cap keeps logits in [-15, 15]: stabilises training at no quality cost
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)

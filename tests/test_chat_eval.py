@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from scripts.chat_eval import BASELINES, chatcore, run_categorical_eval, run_generative_eval
+from nanochat.task_eval import run_categorical_eval, run_generative_eval
+from scripts.chat_eval import BASELINES, chatcore
 from tasks.arc import ARC
 from tasks.common import Task
 from tasks.mmlu import MMLU

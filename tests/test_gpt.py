@@ -150,7 +150,7 @@ def test_hand_written_pieces_match_autograd_reference():
     weight = torch.randn(50, 32, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 50, (300,))
     targets[::7] = -1
-    loss = SoftcapCrossEntropy.apply(x, weight, targets, torch.float64, 64)  # 64-row chunks: several, the last one partial
+    loss = SoftcapCrossEntropy.apply(x, weight, targets, torch.float64, "mean", 64)  # 64-row chunks: several, the last one partial
     loss.backward()
     ours = (loss.detach(), x.grad.clone(), weight.grad.clone())
     x.grad, weight.grad = None, None
@@ -159,6 +159,13 @@ def test_hand_written_pieces_match_autograd_reference():
     reference.backward()
     for a, b in zip(ours, (reference.detach(), x.grad, weight.grad)):
         torch.testing.assert_close(a, b)
+    # reduction="sum" (train_step normalises over the whole step itself): count times the mean, gradients too
+    count = (targets != -1).sum().item()
+    x.grad, weight.grad = None, None
+    total = SoftcapCrossEntropy.apply(x, weight, targets, torch.float64, "sum", 64)
+    total.backward()
+    for a, b in zip((total.detach(), x.grad, weight.grad), ours):
+        torch.testing.assert_close(a, b * count)
     y = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(RMSNorm.apply, (y,))
     torch.testing.assert_close(RMSNorm.apply(y), F.rms_norm(y, (8,)))
@@ -179,7 +186,7 @@ def test_bf16_loss_head_matches_the_autocast_formula():
     targets = torch.randint(0, 50, (300,))
     targets[::5] = -1
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = SoftcapCrossEntropy.apply(x, weight, targets, torch.bfloat16, 64)
+        loss = SoftcapCrossEntropy.apply(x, weight, targets, torch.bfloat16, "mean", 64)
         logits = LOGIT_SOFTCAP * torch.tanh((x @ weight.t()).float() / LOGIT_SOFTCAP)
         reference = F.cross_entropy(logits, targets, ignore_index=-1)
     assert loss.dtype == torch.float32

@@ -1,0 +1,102 @@
+"""
+Scoring a chat model on a task, shared by scripts/chat_eval.py and the periodic evals of SFT and RL.
+
+Categorical tasks (multiple choice) need one batched forward pass: the answer is whichever allowed
+letter has the highest logit right after <|assistant_start|>, so a model is never penalised for the
+words around its answer. Generative tasks sample replies through the Engine (with tool use) and count
+a problem as solved if any of the num_samples replies is right (pass@k). Problems are strided across
+ranks; all_reduce_counts sums the (passed, total) pairs.
+"""
+import time
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import get_dist_info, print0
+
+
+def letter_token_ids(tokenizer, letters, cache):
+    """The single token id of each answer letter (the categorical eval compares exactly these logits)."""
+    ids = []
+    for letter in letters:
+        if letter not in cache:
+            encoded = tokenizer.encode(letter)
+            if len(encoded) != 1:
+                raise ValueError(f"answer letter {letter!r} is {len(encoded)} tokens in this tokenizer; categorical eval needs one")
+            cache[letter] = encoded[0]
+        ids.append(cache[letter])
+    return ids
+
+
+@torch.no_grad()
+def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, device="cpu"):
+    """(num_passed, total) over this rank's share of the problems; batches are strided across ranks."""
+    _, rank, _, world_size = get_dist_info()
+    num_problems = len(task) if max_problems is None else min(len(task), max_problems)
+    num_batches = -(-num_problems // batch_size)
+    pad = tokenizer.get_bos_token_id()  # right padding: it comes after every answer position, so it is never read
+    letter_cache = {}
+    num_passed, total = 0, 0
+    for batch_index in range(rank, num_batches, world_size):
+        conversations = [task[i] for i in range(batch_index * batch_size, min((batch_index + 1) * batch_size, num_problems))]
+        prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
+        max_length = max(len(ids) for ids in prompts)
+        inputs = torch.tensor([ids + [pad] * (max_length - len(ids)) for ids in prompts], dtype=torch.long, device=device)
+        logits = model(inputs)
+        for row, (conversation, ids) in enumerate(zip(conversations, prompts)):
+            letters = conversation["letters"]
+            # the logits at the last prompt token (<|assistant_start|>) predict the first answer token
+            letter_logits = logits[row, len(ids) - 1, letter_token_ids(tokenizer, letters, letter_cache)]
+            predicted = letters[letter_logits.argmax().item()]
+            num_passed += int(task.evaluate(conversation, predicted))
+            total += 1
+    return num_passed, total
+
+
+def run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, temperature, top_k, max_problems=None, log=print0):
+    """(num_passed, total) over this rank's share (problems strided across ranks); passed = any sample right (pass@k)."""
+    _, rank, _, world_size = get_dist_info()
+    num_problems = len(task) if max_problems is None else min(len(task), max_problems)
+    num_passed, total = 0, 0
+    started = time.time()
+    for i in range(rank, num_problems, world_size):
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                           temperature=temperature, top_k=top_k, seed=i)
+        replies = [tokenizer.decode(result[len(prompt):]) for result in results]
+        num_passed += int(any(task.evaluate(conversation, reply) for reply in replies))
+        total += 1
+        if total % 10 == 0 or i + world_size >= num_problems:
+            done = min(num_problems, i + 1)
+            eta = (time.time() - started) / done * (num_problems - done)
+            log(f"\r  {done}/{num_problems} passed {num_passed}/{total} on rank {rank} ({100 * num_passed / total:.1f}%), ETA {eta:.0f} s", end="")
+    log("")
+    return num_passed, total
+
+
+def all_reduce_counts(num_passed, total, device):
+    """Sum (passed, total) over ranks."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return num_passed, total
+    counts = torch.tensor([num_passed, total], dtype=torch.long, device=device)
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    return counts[0].item(), counts[1].item()
+
+
+def turn_end_rate(engine, tokenizer, conversations, max_tokens=128):
+    """
+    (ended, total) over this rank's share of the prompts: how many greedy replies close their turn with
+    <|assistant_end|> within max_tokens. A chat model should; a base model, never taught the format, rambles on.
+    """
+    _, rank, _, world_size = get_dist_info()
+    assistant_end = tokenizer.encode_special("<|assistant_end|>")
+    ended, total = 0, 0
+    for i in range(rank, len(conversations), world_size):
+        prompt = tokenizer.render_for_completion(conversations[i])
+        for token_column, _ in engine.generate(prompt, num_samples=1, max_tokens=max_tokens, temperature=0.0):
+            if token_column[0] == assistant_end:
+                ended += 1
+                break
+        total += 1
+    return ended, total
