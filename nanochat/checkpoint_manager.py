@@ -133,6 +133,15 @@ def build_model(checkpoint_dir, step, device, phase):
     return model, tokenizer, meta
 
 
+def most_advanced_source():
+    """The latest stage of the pipeline that has a complete checkpoint: rl, then sft, mid, base."""
+    for source in ("rl", "sft", "mid", "base"):
+        checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS[source])
+        if any(list_steps(os.path.join(checkpoints_dir, tag)) for tag in list_tags(checkpoints_dir)):
+            return source
+    raise FileNotFoundError(f"no checkpoint of any stage in {get_base_dir()}; train a model first (bash speedrun.sh)")
+
+
 def load_model(source, device, phase, model_tag=None, step=None):
     """Load the latest (or given) checkpoint of a stage: source in base / mid / sft / rl."""
     if source not in SOURCE_DIRS:
@@ -146,4 +155,6 @@ def load_model(source, device, phase, model_tag=None, step=None):
     if step is None:
         step = find_last_step(checkpoint_dir)
     logger.info(f"loading {source} model {model_tag} step {step}")
-    return build_model(checkpoint_dir, step, device, phase)
+    model, tokenizer, meta = build_model(checkpoint_dir, step, device, phase)
+    meta = dict(meta, model_tag=model_tag, source=source)  # which checkpoint this was, for the next stage's logs
+    return model, tokenizer, meta

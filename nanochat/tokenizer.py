@@ -122,12 +122,18 @@ class RustBPETokenizer:
     def decode(self, ids):
         return self.enc.decode(ids)
 
-    def render_conversation(self, conversation, max_tokens=2048):
+    def render_conversation(self, conversation, max_tokens=2048, train_on="assistant"):
         """
-        Tokenize a conversation for supervised training: returns (ids, mask), mask 1 on the tokens the
-        assistant must learn to produce (its text, its tool calls, <|assistant_end|>), 0 elsewhere,
-        including the tool output the engine forces in at inference. Truncated to max_tokens.
+        Tokenize a conversation for training: returns (ids, mask), mask 1 on the tokens that are targets.
+        train_on="assistant" (SFT): only what the assistant must learn to produce (its text, its tool calls,
+        <|assistant_end|>). train_on="all" (midtraining, which is still pretraining-like): the user's turns
+        and the chat tokens too. Either way never <|bos|> and never the tool output (<|output_start|> ...
+        <|output_end|>): the engine forces that in at inference, the model never has to produce it.
+        Truncated to max_tokens.
         """
+        if train_on not in ("assistant", "all"):
+            raise ValueError(f"train_on must be 'assistant' or 'all' (got {train_on!r})")
+        user_mask = 1 if train_on == "all" else 0
         messages = normalize_conversation(conversation)
         special = {name: self.encode_special(name) for name in SPECIAL_TOKENS}
         ids, mask = [], []
@@ -141,11 +147,11 @@ class RustBPETokenizer:
         add(self.get_bos_token_id(), 0)
         for message in messages:
             if message["role"] == "user":
-                add(special["<|user_start|>"], 0)
-                add(self.encode(message["content"]), 0)
-                add(special["<|user_end|>"], 0)
+                add(special["<|user_start|>"], user_mask)
+                add(self.encode(message["content"]), user_mask)
+                add(special["<|user_end|>"], user_mask)
                 continue
-            add(special["<|assistant_start|>"], 0)
+            add(special["<|assistant_start|>"], user_mask)
             content = message["content"]
             parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
             for part in parts:

@@ -34,7 +34,8 @@ def reply(engine, tokenizer, conversation, args):
 
 def main():
     parser = argparse.ArgumentParser(description="Chat with a nanochat model in the terminal")
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's model")
+    parser.add_argument("-i", "--source", type=str, default=None, choices=["base", "mid", "sft", "rl"],
+                        help="which stage's model (default: the most advanced that exists: rl, sft, mid, base)")
     parser.add_argument("--model-tag", type=str, default=None, help="model tag such as d20 (default: the largest)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("-p", "--prompt", type=str, default=None, help="ask this one question, print the reply, exit")
@@ -51,9 +52,12 @@ def main():
     if args.max_tokens < 1:
         parser.error("--max-tokens must be at least 1")
 
-    from nanochat.checkpoint_manager import load_model
+    from nanochat.checkpoint_manager import load_model, most_advanced_source
     device = torch.device(args.device_type or autodetect_device_type())
     try:
+        if args.source is None:
+            args.source = most_advanced_source()
+            print(f"using the {args.source} model (the most advanced stage found; -i picks another)", file=sys.stderr)
         model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"cannot load the {args.source} model: {e}")

@@ -412,7 +412,13 @@ def build_app(pool, tokenizer, model_name, defaults, context_length):
 
 def load_workers(args):
     """One replica per GPU (--num-gpus), or a single one on CPU/MPS."""
-    from nanochat.checkpoint_manager import load_model
+    from nanochat.checkpoint_manager import load_model, most_advanced_source
+    if args.source is None:
+        try:
+            args.source = most_advanced_source()
+        except FileNotFoundError as e:
+            raise SystemExit(str(e))
+        logger.info(f"using the {args.source} model (the most advanced stage found; -i picks another)")
     device_type = args.device_type or autodetect_device_type()
     if device_type == "cuda":
         available = torch.cuda.device_count()
@@ -436,7 +442,8 @@ def main():
     parser = argparse.ArgumentParser(description="Chat web server with an OpenAI-compatible API")
     parser.add_argument("--host", type=str, default="0.0.0.0", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument("-i", "--source", type=str, default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's model")
+    parser.add_argument("-i", "--source", type=str, default=None, choices=["base", "mid", "sft", "rl"],
+                        help="which stage's model (default: the most advanced that exists: rl, sft, mid, base)")
     parser.add_argument("--model-tag", type=str, default=None, help="model tag such as d20 (default: the largest)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--num-gpus", type=int, default=1, help="model replicas, one per GPU (CPU always uses one)")

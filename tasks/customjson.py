@@ -12,6 +12,17 @@ from tasks.smoltalk import check_conversation
 IDENTITY_CONVERSATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "identity_conversations.jsonl")
 
 
+def identity_conversations_path():
+    """
+    Who the assistant says it is: $NANOCHAT_BASE_DIR/identity_conversations.jsonl when that file exists
+    (drop one there to rename your assistant), else the set shipped next to this file.
+    """
+    from nanochat.common import get_base_dir
+
+    override = os.path.join(get_base_dir(), "identity_conversations.jsonl")
+    return override if os.path.exists(override) else IDENTITY_CONVERSATIONS
+
+
 class CustomJSON(Task):
 
     def __init__(self, filepath=IDENTITY_CONVERSATIONS, **kwargs):
@@ -27,8 +38,11 @@ class CustomJSON(Task):
                     item = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{filepath}:{line_number}: not valid JSON ({error})") from None
-                messages = item["messages"] if isinstance(item, dict) else item
-                check_conversation(messages, f"{filepath}:{line_number}")
+                messages = item.get("messages") if isinstance(item, dict) else item
+                where = f"{filepath}:{line_number}"
+                if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in messages):
+                    raise ValueError(f"{where}: expected a JSON list of {{\"role\": ..., \"content\": ...}} messages")
+                check_conversation(messages, where)
                 self.conversations.append({"messages": messages})
 
     eval_type = "generative"
