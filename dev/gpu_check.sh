@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# GPU check for base pretraining (one GPU, <= 8 minutes): tok/s, MFU and peak memory at depth 12
-# and 20, ~50 steps each, bf16 autocast + torch.compile, the real GPT and Muon/AdamW, synthetic
-# tokens (nothing to download). Target: >= 45% MFU at depth 20 on an H100.
-#     bash dev/gpu_check.sh                       # uses $PYTHON or python
-#     STEPS=30 DEPTHS="20" bash dev/gpu_check.sh
-set -euo pipefail
+# GPU check (one GPU, <= 9 minutes), in two parts:
+#  1. speed: tok/s, MFU and peak memory of base pretraining steps at depth 12 and 20, then one midtraining
+#     step (packed conversation rows, tool outputs masked) and SFT steps (padded rows of changing length,
+#     eager), all through nanochat.training.train_step, bf16 + torch.compile, synthetic tokens.
+#     Target: >= 45% MFU at depth 20 on an H100.
+#  2. the pipeline: the real scripts end to end on CUDA at toy size, offline on the embedded sample and
+#     the stand-ins (tok_train -> base_train -> mid_train -> chat_sft -> chat_eval -> chat_cli).
+#     bash dev/gpu_check.sh                          # uses $PYTHON or python
+#     STEPS=30 DEPTHS="20" PIPELINE=0 bash dev/gpu_check.sh
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-STEPS=${STEPS:-50} DEPTHS=${DEPTHS:-"12 20"} DEVICE_BATCH=${DEVICE_BATCH:-32} SEQ_LEN=${SEQ_LEN:-2048} VOCAB=${VOCAB:-32768} \
-PYTHONPATH=. timeout 470 "$PYTHON" - <<'PY'
-import dataclasses, os, time
+
+echo "== 1. speed"
+STEPS=${STEPS:-20} DEPTHS=${DEPTHS:-"12 20"} DEVICE_BATCH=${DEVICE_BATCH:-32} SEQ_LEN=${SEQ_LEN:-2048} VOCAB=${VOCAB:-32768} \
+timeout ${SPEED_TIMEOUT:-330} "$PYTHON" - <<'PY' || echo "speed check FAILED or timed out (exit $?)"
+import dataclasses, os, random, time
 import torch
 from nanochat.gpt import GPT, model_config_from_depth
-from nanochat.training import get_peak_flops
+from nanochat.training import get_peak_flops, train_step
 
 assert torch.cuda.is_available(), "no CUDA device: this check needs a GPU"
 device = torch.device("cuda", 0)
@@ -21,43 +28,69 @@ torch.cuda.set_device(device)
 torch.set_float32_matmul_precision("high")
 steps, batch, seq_len, vocab = (int(os.environ[k]) for k in ("STEPS", "DEVICE_BATCH", "SEQ_LEN", "VOCAB"))
 peak = get_peak_flops(device)
-print(f"{torch.cuda.get_device_name(device)} | torch {torch.__version__} | bf16 peak {peak and peak / 1e12:.0f} TFLOP/s")
+autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+print(f"{torch.cuda.get_device_name(device)} | torch {torch.__version__} | bf16 peak {peak and peak / 1e12:.0f} TFLOP/s", flush=True)
+
+
+def measure(name, model, compiled, optimizers, make_batch, steps, flops_per_token):
+    batches = iter(make_batch, None)
+    torch.cuda.reset_peak_memory_stats()
+    start = time.time()
+    for _ in range(3):  # compile + warm up
+        train_step(compiled, optimizers, batches, 1, autocast, 1.0, 0.95)[0].item()
+    compile_s = time.time() - start
+    torch.cuda.synchronize()
+    start, tokens = time.time(), 0
+    for _ in range(steps):
+        loss, positions = train_step(compiled, optimizers, batches, 1, autocast, 1.0, 0.95)
+        tokens += positions
+    loss = loss.item()
+    dt = time.time() - start
+    tok_per_sec = tokens / dt
+    mfu = 100 * flops_per_token * tok_per_sec / peak if peak else float("nan")
+    print(f"{name:28s} | params {model.num_params() / 1e6:6.1f}M | compile+warmup {compile_s:5.1f}s | step {dt / steps * 1000:6.1f}ms | "
+          f"tok/s {tok_per_sec:,.0f} | MFU {mfu:.1f}% | peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB | loss {loss:.3f}", flush=True)
+
+
 for depth in [int(d) for d in os.environ["DEPTHS"].split()]:
     torch.manual_seed(0)
-    torch.cuda.reset_peak_memory_stats()
     with torch.device("meta"):
         model = GPT(dataclasses.replace(model_config_from_depth(depth, vocab, seq_len), value_embeds=True))  # base_train's default
     model.to_empty(device=device)
     model.init_weights()
     optimizers = model.setup_optimizers(compute_dtype=torch.bfloat16)
     compiled = torch.compile(model, dynamic=False)
-    inputs = torch.randint(0, vocab, (batch, seq_len), device=device)
-    targets = torch.randint(0, vocab, (batch, seq_len), device=device)
+    flops = model.estimate_flops()
+    base_batch = lambda: (torch.randint(0, vocab, (batch, seq_len), device=device), torch.randint(0, vocab, (batch, seq_len), device=device))
+    measure(f"base depth {depth}", model, compiled, optimizers, base_batch, steps, flops)
+    if depth != max(int(d) for d in os.environ["DEPTHS"].split()):
+        continue
 
-    def step():
-        with torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16):
-            loss = compiled(inputs, targets)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        return loss
+    def mid_batch():  # packed conversations: same shapes as pretraining, ~15% of the targets masked (tool outputs)
+        inputs, targets = base_batch()
+        return inputs, targets.masked_fill(torch.rand(targets.shape, device=device) < 0.15, -1)
+    measure(f"mid step depth {depth}", model, compiled, optimizers, mid_batch, 3, flops)
 
-    start = time.time()
-    for _ in range(3):  # compile + warm up
-        step()
-    torch.cuda.synchronize()
-    compile_s = time.time() - start
-    start = time.time()
-    for _ in range(steps):
-        loss = step()
-    torch.cuda.synchronize()
-    dt = (time.time() - start) / steps
-    tok_per_sec = batch * seq_len / dt
-    mfu = 100 * model.estimate_flops() * tok_per_sec / peak if peak else float("nan")
-    print(f"depth {depth:2d} | params {model.num_params() / 1e6:6.1f}M | batch {batch}x{seq_len} | compile+warmup {compile_s:5.1f}s | "
-          f"step {dt * 1000:6.1f}ms | tok/s {tok_per_sec:,.0f} | MFU {mfu:.1f}% | peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB | "
-          f"loss {loss.item():.3f}", flush=True)
+    sft_rows = 16
+    def sft_batch():  # one conversation per row, padded to the longest of the micro-batch (a multiple of 8)
+        length = random.Random(torch.randint(0, 10**6, ()).item()).randrange(256, seq_len + 1, 8)
+        inputs, targets = torch.randint(0, vocab, (sft_rows, length), device=device), torch.randint(0, vocab, (sft_rows, length), device=device)
+        lengths = torch.randint(length // 4, length + 1, (sft_rows, 1), device=device)
+        return inputs, targets.masked_fill(torch.arange(length, device=device) >= lengths, -1)
+    # eager, as chat_sft runs it: a dynamic-shape compile had not finished after ~3 minutes here
+    measure(f"SFT steps depth {depth} (eager)", model, model, optimizers, sft_batch, 8, flops)
     del model, compiled, optimizers
     torch.cuda.empty_cache()
 PY
+
+[ "${PIPELINE:-1}" = 1 ] || exit 0
+echo "== 2. pipeline (toy size, offline data)"
+export NANOCHAT_BASE_DIR=$(mktemp -d) NANOCHAT_DATA=sample
+run() { echo "-- $*"; timeout ${STAGE_TIMEOUT:-150} "$PYTHON" -m "$@" 2>&1 | grep -v "^step 0000[2-9]\|^step 000[1-9]" | tail -${TAIL:-6} || echo "FAILED: $*"; }
+run scripts.tok_train --vocab-size 4096
+run scripts.base_train --depth 4 --max-seq-len 512 --device-batch-size 16 --total-batch-size 16384 --num-iterations 60 \
+    --eval-every 30 --eval-tokens 65536 --sample-every -1
+run scripts.mid_train --device-batch-size 16 --total-batch-size 16384 --num-iterations 30 --eval-every 15 --eval-tokens 65536 --stand-in-size 2000
+run scripts.chat_sft --device-batch-size 8 --examples-per-step 32 --num-iterations 30 --eval-every 15 --eval-steps 10 --stand-in-size 1000
+TAIL=8 run scripts.chat_eval -i sft --max-problems 64 --max-new-tokens 96
+TAIL=4 run scripts.chat_cli -p "What is 12 times 4?" -t 0 --max-tokens 64
