@@ -4,8 +4,10 @@
 #   bash speedrun.sh                      # 8xH100: ~4 hours, ~$100 (GPU profile, depth 20)
 #   WANDB_RUN=speedrun bash speedrun.sh   # same, logging to Weights & Biases
 #
+# tokenizer -> base model (pretraining) -> midtraining -> SFT, with evaluations after each, -> report.md.
 # On a machine without a GPU it runs the CPU profile instead: a tiny model trained on the embedded
-# sample corpus (offline, ~7 minutes on 2 cores with AMX, ~12 without), so the whole pipeline can be tried on a laptop.
+# sample corpus and the offline stand-ins for the chat data (NANOCHAT_DATA=sample), ~25 minutes on 2
+# cores, so the whole pipeline can be tried on a laptop.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -30,6 +32,7 @@ if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)
     NUM_GPUS="${NUM_GPUS:-$(python -c 'import torch; print(torch.cuda.device_count())')}"
 else
     PROFILE=cpu
+    export NANOCHAT_DATA=sample  # offline: the embedded corpus and the chat stand-ins, labelled as such
 fi
 echo "nanochat speedrun: $PROFILE profile, artifacts in $NANOCHAT_BASE_DIR"
 python -m nanochat.report reset
@@ -54,12 +57,28 @@ if [ "$PROFILE" = gpu ]; then
     torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.base_loss
     torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.base_eval
 else
-    # depth 4 (width 256), 300 steps of 8192 tokens: ~2.5M tokens, about one pass over the sample
+    # depth 4 (width 256), 200 steps of 8192 tokens: ~1.6M tokens, about half a pass over the sample
     python -m scripts.base_train --depth 4 --max-seq-len 512 --device-batch-size 8 --total-batch-size 8192 \
-        --num-iterations 300 --eval-every 100 --eval-tokens 65536 --sample-every 150 --save-every 150 --run "$WANDB_RUN"
+        --num-iterations 200 --eval-every 100 --eval-tokens 65536 --sample-every 200 --save-every 100 --run "$WANDB_RUN"
     python -m scripts.base_loss --device-batch-size 8 --split-tokens 131072
     # CORE needs the eval bundle from the internet: on an offline CPU box base_eval says so and is skipped
     python -m scripts.base_eval --max-per-task 50 || echo "base_eval skipped (see the message above)"
+fi
+
+# ---------------------------------------------------------------- midtraining, SFT and their chat evaluations
+if [ "$PROFILE" = gpu ]; then
+    torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.mid_train -- --run "$WANDB_RUN"
+    torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.chat_eval -- -i mid
+    torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.chat_sft -- --run "$WANDB_RUN"
+    torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.chat_eval -- -i sft
+else
+    # one epoch of the stand-in mixture (~0.5M tokens, 60 steps), then ~2,600 conversations of SFT
+    python -m scripts.mid_train --device-batch-size 8 --total-batch-size 8192 --eval-every 30 --eval-tokens 65536 \
+        --stand-in-size 1500 --run "$WANDB_RUN"
+    python -m scripts.chat_eval -i mid --max-problems 64 --max-new-tokens 256
+    python -m scripts.chat_sft --device-batch-size 4 --examples-per-step 16 --eval-every 50 --eval-steps 25 \
+        --eval-max-problems 128 --stand-in-size 500 --run "$WANDB_RUN"
+    python -m scripts.chat_eval -i sft --max-problems 64 --max-new-tokens 256
 fi
 
 # ---------------------------------------------------------------- report card
@@ -70,6 +89,6 @@ cat <<'MSG'
 Done. The report card is in ./report.md.
 Talk to your model:
   source .venv/bin/activate
-  python -m scripts.chat_cli -i base                  # in the terminal
-  python -m scripts.chat_web -i base                  # ChatGPT-like page on http://localhost:8000
+  python -m scripts.chat_cli                          # in the terminal (the SFT model; -i base|mid for the others)
+  python -m scripts.chat_web                          # ChatGPT-like page on http://localhost:8000
 MSG

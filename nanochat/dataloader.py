@@ -43,6 +43,7 @@ class BestFitPacker:
     (add documents with add_document until the buffer holds buffer_size, or raise EndOfSplit when a
     single-pass loader has nothing left). A document may carry a loss mask (0 = not a target).
     """
+    has_masks = False  # True for loaders whose documents carry loss masks
 
     def __init__(self, batch_size, seq_len, device, buffer_size):
         if batch_size < 1 or seq_len < 1:
@@ -105,8 +106,6 @@ class BestFitPacker:
         if masks is not None:
             targets[masks[:, 1:] == 0] = -1  # masked tokens are inputs, never targets
         return to_device(torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(targets), self.device)
-
-    has_masks = False  # True for loaders whose documents carry loss masks
 
     @property
     def cropped_fraction(self):

@@ -149,10 +149,11 @@ class RowState:
 
 class Engine:
 
-    def __init__(self, model, tokenizer, tool_timeout=2.0):
+    def __init__(self, model, tokenizer, tool_timeout=2.0, run_tools=True):
         self.model = model
         self.tokenizer = tokenizer
         self.tool_timeout = tool_timeout
+        self.run_tools = run_tools  # False: tool calls are generated but not run (nothing is forced in)
         special = tokenizer.encode_special
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
@@ -180,7 +181,7 @@ class Engine:
             state.python_tokens = []
         elif token == self.python_end and state.in_python_block:
             state.in_python_block = False
-            if state.python_tokens:
+            if state.python_tokens and self.run_tools:
                 output = run_tool_call(self.tokenizer.decode(state.python_tokens), timeout=self.tool_timeout)
                 state.forced_tokens.append(self.output_start)
                 state.forced_tokens.extend(self.tokenizer.encode(output))

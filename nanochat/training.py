@@ -299,12 +299,15 @@ class StepLogger:
     and the running figures a report needs. Times cover training steps only (evals and saves are left out).
     """
 
-    def __init__(self, compute, num_iterations, flops_per_token, previous_time=0.0, smooth_loss=0.0, ema_beta=0.9):
+    def __init__(self, compute, num_iterations, flops_per_token, resumed_meta=None, ema_beta=0.9):
+        """resumed_meta: the meta of the checkpoint a run resumed from, whose time and smoothed loss carry on."""
         self.compute, self.num_iterations, self.flops_per_token = compute, num_iterations, flops_per_token
         self.peak_flops = get_peak_flops(compute.device)
         self.timer = StepTimer(compute.device)
-        self.previous_time = previous_time  # training time of the run before a resume
-        self.smooth_loss, self.ema_beta = smooth_loss, ema_beta  # EMA of the training loss, for readable logs
+        resumed_meta = resumed_meta or {}
+        self.previous_time = resumed_meta.get("total_training_time", 0.0)  # training time of the run before a resume
+        self.smooth_loss = resumed_meta.get("smooth_train_loss", 0.0)  # EMA of the training loss, for readable logs
+        self.ema_beta = ema_beta
         self.mfu_sum, self.mfu_count, self.steady_tokens = 0.0, 0, 0
 
     @property
@@ -347,6 +350,33 @@ def save_training_state(checkpoint_dir, step, model, optimizers, loader, meta, c
     optimizer_data = {"optimizers": [opt.state_dict() for opt in optimizers], "train_loader": loader.state_dict(), "rng": rng}
     save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer_data, meta, rank=compute.rank)
     compute.barrier()  # nobody trains on while another rank's shard is still being written
+
+
+def load_source_model(parser, source, args, compute):
+    """
+    The previous stage's model for finetuning (mid from base, SFT from mid, RL from SFT), from --model-tag and
+    --step, and the row length: --max-seq-len, or the model's own context when it is -1.
+    Returns (model, tokenizer, the source checkpoint's meta, row length).
+    """
+    from nanochat.checkpoint_manager import load_model
+
+    try:
+        model, tokenizer, meta = load_model(source, compute.device, phase="train", model_tag=args.model_tag, step=args.step)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(f"cannot load the {source} model: {e}")
+    seq_len = model.config.sequence_len if args.max_seq_len == -1 else args.max_seq_len
+    print0(f"{source} model {meta['model_tag']} step {meta['step']}: {model.num_params():,} parameters | rows of up to {seq_len} tokens")
+    return model, tokenizer, meta, seq_len
+
+
+def resume_if_asked(parser, args, checkpoint_dir, model, optimizers, compute, hint=""):
+    """(start step, loader state, meta) from --resume-from-step when it was given, else a fresh start (0, None, {})."""
+    if args.resume_from_step is None:
+        return 0, None, {}
+    try:
+        return resume_training_state(checkpoint_dir, args.resume_from_step, model, optimizers, compute)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(f"cannot resume: {e}{hint}")
 
 
 def resume_training_state(checkpoint_dir, resume_from_step, model, optimizers, compute):

@@ -52,7 +52,7 @@ if steps < 1:
 
 results = {}
 for split in ("train", "val"):
-    loader = PretrainLoader(tokenizer, args.device_batch_size, seq_len, split, device=device)
+    loader = PretrainLoader(tokenizer, args.device_batch_size, seq_len, split, device=device, single_pass=True)  # never a split twice
     with autocast_ctx:
         results[f"{split} bpb"] = evaluate_bpb(model, loader, steps, token_bytes)
     print0(f"{split} bpb: {results[f'{split} bpb']:.4f}")

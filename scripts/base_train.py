@@ -22,7 +22,7 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (StepLogger, add_optimizer_args, add_training_args, check_training_args, get_grad_accum_steps,
-                               get_lr_multiplier, get_muon_momentum, init_compute, is_due, maybe_compile, resume_training_state,
+                               get_lr_multiplier, get_muon_momentum, init_compute, is_due, maybe_compile, resume_if_asked,
                                run_training_loop, save_training_state, setup_optimizers, train_step)
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
@@ -108,12 +108,8 @@ optimizers = setup_optimizers(model, args, compute)
 
 model_tag = args.model_tag or f"d{args.depth}"
 checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
-start_step, loader_state, meta = 0, None, {}
-if args.resume_from_step is not None:
-    try:
-        start_step, loader_state, meta = resume_training_state(checkpoint_dir, args.resume_from_step, model, optimizers, compute)
-    except (FileNotFoundError, ValueError) as e:
-        parser.error(f"cannot resume: {e}; use the same --depth/--max-seq-len/--n-kv-head/--x0-mixing/--value-embeds")
+start_step, loader_state, meta = resume_if_asked(parser, args, checkpoint_dir, model, optimizers, compute,
+                                                 hint="; use the same --depth/--max-seq-len/--n-kv-head/--x0-mixing/--value-embeds")
 
 orig_model = model  # saving, sampling and evaluating use the uncompiled module
 model = maybe_compile(model, compute, args.compile)
@@ -145,8 +141,7 @@ def print_samples():
 # -----------------------------------------------------------------------------
 # the loop
 
-logger = StepLogger(compute, num_iterations, flops_per_token, previous_time=meta.get("total_training_time", 0.0),
-                    smooth_loss=meta.get("smooth_train_loss", 0.0))
+logger = StepLogger(compute, num_iterations, flops_per_token, resumed_meta=meta)
 val_bpb, min_val_bpb = meta.get("val_bpb"), meta.get("min_val_bpb", float("inf"))
 initial_val_bpb = None
 

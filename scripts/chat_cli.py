@@ -60,7 +60,7 @@ def main():
             print(f"using the {args.source} model (the most advanced stage found; -i picks another)", file=sys.stderr)
         model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"cannot load the {args.source} model: {e}")
+        sys.exit(f"cannot load the {args.source} model: {e}" if args.source else f"cannot load a model: {e}")
     engine = Engine(prepare_for_inference(model), tokenizer)
 
     if args.prompt is not None:

@@ -19,7 +19,6 @@ import argparse
 import time
 from functools import partial
 
-import torch
 
 from nanochat.common import COMPUTE_DTYPES, autocast_context, compute_cleanup, compute_init, get_compute_dtype, print0
 from nanochat.task_eval import all_reduce_counts, run_categorical_eval, run_generative_eval

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import os
 
-from nanochat.checkpoint_manager import load_model
 from nanochat.common import compute_cleanup, get_base_dir, print0
 from nanochat.dataloader import SFTLoader
 from nanochat.engine import Engine
@@ -25,7 +24,7 @@ from nanochat.report import get_report
 from nanochat.task_eval import all_reduce_counts, run_categorical_eval, turn_end_rate
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import (StepLogger, add_optimizer_args, add_training_args, check_training_args, get_muon_momentum,
-                               init_compute, maybe_compile, resume_training_state, run_training_loop, save_training_state,
+                               init_compute, load_source_model, maybe_compile, resume_if_asked, run_training_loop, save_training_state,
                                setup_optimizers, train_step)
 from tasks.arc import ARC
 from tasks.arithmetic import Arithmetic
@@ -77,15 +76,10 @@ check_training_args(parser, args, positive=("device_batch_size", "examples_per_s
 user_config = dict(vars(args))
 
 compute = init_compute(args)
-try:
-    model, tokenizer, source_meta = load_model(args.source, compute.device, phase="train", model_tag=args.model_tag, step=args.step)
-except (FileNotFoundError, ValueError) as e:
-    parser.error(f"cannot load the {args.source} model: {e}")
+model, tokenizer, source_meta, max_seq_len = load_source_model(parser, args.source, args, compute)
 model_tag = source_meta["model_tag"]
-max_seq_len = model.config.sequence_len if args.max_seq_len == -1 else args.max_seq_len
 token_bytes = get_token_bytes(device=compute.device)
 flops_per_token = model.estimate_flops()
-print0(f"{args.source} model {model_tag} step {source_meta['step']}: {model.num_params():,} parameters | rows up to {max_seq_len} tokens")
 
 try:
     train_data, val_data, accuracy_tasks, data_description = sft_data(use_stand_ins(), args.stand_in_size)
@@ -103,19 +97,13 @@ print0(f"steps: {num_iterations:,} | conversations per step: {args.examples_per_
 
 optimizers = setup_optimizers(model, args, compute, lr_scale=args.init_lr_frac)
 checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", model_tag)
-start_step, loader_state, meta = 0, None, {}
-if args.resume_from_step is not None:
-    try:
-        start_step, loader_state, meta = resume_training_state(checkpoint_dir, args.resume_from_step, model, optimizers, compute)
-    except (FileNotFoundError, ValueError) as e:
-        parser.error(f"cannot resume: {e}")
+start_step, loader_state, meta = resume_if_asked(parser, args, checkpoint_dir, model, optimizers, compute)
 orig_model = model
 model = maybe_compile(model, compute, args.compile, dynamic=True)  # row lengths change every micro-batch: eager unless --compile 1
 train_loader = SFTLoader(train_data, tokenizer, args.device_batch_size, max_seq_len, grad_accum_steps, device=compute.device,
                          resume_state=loader_state)
 
-logger = StepLogger(compute, num_iterations, flops_per_token, previous_time=meta.get("total_training_time", 0.0),
-                    smooth_loss=meta.get("smooth_train_loss", 0.0))
+logger = StepLogger(compute, num_iterations, flops_per_token, resumed_meta=meta)
 history = meta.get("history", {})  # step -> {metric: value}, kept across resumes
 turn_end_prompts = [val_data[i] for i in range(min(32, len(val_data)))]
 
@@ -124,7 +112,7 @@ def measure_turn_ends():
     """Does the model close its turns? Greedy replies to held-out prompts that end with <|assistant_end|>."""
     print0(f"measuring how many greedy replies to {len(turn_end_prompts)} held-out prompts end their turn...")
     orig_model.eval()
-    engine = Engine(orig_model, tokenizer, tool_timeout=0.5)  # an untrained model's tool code is junk: fail it fast
+    engine = Engine(orig_model, tokenizer, run_tools=False)  # only the format is measured: no sandbox process per junk tool call
     with compute.autocast:
         ended, total = all_reduce_counts(*turn_end_rate(engine, tokenizer, turn_end_prompts, max_tokens=96), compute.device)
     orig_model.train()

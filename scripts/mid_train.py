@@ -16,14 +16,13 @@ import dataclasses
 import math
 import os
 
-from nanochat.checkpoint_manager import load_model
 from nanochat.common import compute_cleanup, get_base_dir, print0
 from nanochat.dataloader import ConversationLoader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import (StepLogger, add_optimizer_args, add_training_args, check_training_args, get_grad_accum_steps,
-                               get_lr_multiplier, get_muon_momentum, init_compute, maybe_compile, resume_training_state,
+                               get_lr_multiplier, get_muon_momentum, init_compute, load_source_model, maybe_compile, resume_if_asked,
                                run_training_loop, save_training_state, setup_optimizers, train_step)
 from tasks.arithmetic import Arithmetic
 from tasks.chatterbot import ChatterbotConversations
@@ -78,15 +77,10 @@ check_training_args(parser, args, positive=("device_batch_size", "total_batch_si
 user_config = dict(vars(args))
 
 compute = init_compute(args)
-try:
-    model, tokenizer, source_meta = load_model("base", compute.device, phase="train", model_tag=args.model_tag, step=args.step)
-except (FileNotFoundError, ValueError) as e:
-    parser.error(f"cannot load the base model: {e}")
+model, tokenizer, source_meta, seq_len = load_source_model(parser, "base", args, compute)
 model_tag = source_meta["model_tag"]
-seq_len = model.config.sequence_len if args.max_seq_len == -1 else args.max_seq_len
 token_bytes = get_token_bytes(device=compute.device)
 flops_per_token = model.estimate_flops()
-print0(f"base model {model_tag} step {source_meta['step']}: {model.num_params():,} parameters | rows of {seq_len} tokens")
 
 stand_ins = use_stand_ins()
 try:
@@ -110,19 +104,13 @@ print0(f"steps: {num_iterations:,} | tokens per step: {args.total_batch_size:,} 
 
 optimizers = setup_optimizers(model, args, compute)
 checkpoint_dir = os.path.join(get_base_dir(), "mid_checkpoints", model_tag)
-start_step, loader_state, meta = 0, None, {}
-if args.resume_from_step is not None:
-    try:
-        start_step, loader_state, meta = resume_training_state(checkpoint_dir, args.resume_from_step, model, optimizers, compute)
-    except (FileNotFoundError, ValueError) as e:
-        parser.error(f"cannot resume: {e}")
+start_step, loader_state, meta = resume_if_asked(parser, args, checkpoint_dir, model, optimizers, compute)
 orig_model = model
 model = maybe_compile(model, compute, args.compile)
 train_loader = ConversationLoader(train_data, tokenizer, args.device_batch_size, seq_len, device=compute.device,
                                   resume_state=loader_state)
 
-logger = StepLogger(compute, num_iterations, flops_per_token, previous_time=meta.get("total_training_time", 0.0),
-                    smooth_loss=meta.get("smooth_train_loss", 0.0))
+logger = StepLogger(compute, num_iterations, flops_per_token, resumed_meta=meta)
 val_bpbs = meta.get("val_bpbs", {})  # step -> val bpb, kept across resumes
 
 

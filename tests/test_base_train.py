@@ -20,9 +20,10 @@ from nanochat.training import get_grad_accum_steps, get_lr_multiplier, is_due
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_LINE = re.compile(r"^step (\d+)/\d+ .*\| loss ([0-9.]+) ", re.M)
 VAL_LINE = re.compile(r"^step (\d+) \| val bpb ([0-9.]+)", re.M)
-# small enough for 2 shared cores: depth 2 (width 128), 64-token rows, 2 micro-steps of 8 rows per step
+# small enough for 2 shared cores: depth 2 (width 128), 64-token rows, 2 micro-steps of 8 rows per step;
+# eager (--compile 0) so that a CPU with AMX does not spend a minute compiling each run
 TRAIN_FLAGS = ["--depth", "2", "--max-seq-len", "64", "--device-batch-size", "8", "--total-batch-size", "1024",
-               "--eval-tokens", "2048", "--sample-every", "-1"]
+               "--eval-tokens", "2048", "--sample-every", "-1", "--compile", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_loss_falls_and_resume_is_bit_exact(trained_base_dir):
 
 
 @pytest.mark.slow
-def test_torchrun_matches_one_process_with_twice_the_accumulation(trained_base_dir, tiny_tokenizer):
+def test_torchrun_matches_one_process_with_twice_the_accumulation(trained_base_dir, tiny_tokenizer, monkeypatch):
     """
     2 ranks x 1 micro-step (gloo, DistMuon/DistAdamW) == 1 process x 2 micro-steps over the same two data shards.
     In fp32: this checks the distributed maths, which bf16 rounding (batched vs per-matrix) would blur.
@@ -91,7 +92,7 @@ def test_torchrun_matches_one_process_with_twice_the_accumulation(trained_base_d
     from nanochat.dataloader import PretrainLoader
     from nanochat.training import get_muon_momentum, set_learning_rates, set_muon_momentum
 
-    os.environ["NANOCHAT_DATA"] = "sample"
+    monkeypatch.setenv("NANOCHAT_DATA", "sample")  # not os.environ: it would leak into later tests
     torch.manual_seed(42)  # what compute_init seeds
     with torch.device("meta"):
         model = GPT(dataclasses.replace(model_config_from_depth(2, tiny_tokenizer.get_vocab_size(), 64), value_embeds=True))
@@ -182,3 +183,18 @@ def test_grad_accum_and_schedule_helpers():
     assert is_due(10, 5, False) and not is_due(11, 5, False) and not is_due(10, -1, False) and is_due(7, -1, True)
 
 
+
+
+def test_compile_is_used_where_it_was_measured_to_win():
+    import types
+
+    from nanochat.training import maybe_compile
+
+    model = torch.nn.Linear(2, 2)
+    compute = lambda device, dtype: types.SimpleNamespace(device=torch.device(device), dtype=dtype)
+    compiled = lambda result: result is not model
+    assert not compiled(maybe_compile(model, compute("cpu", torch.float32)))  # fp32 CPU: a wash, skipped
+    assert compiled(maybe_compile(model, compute("cpu", torch.bfloat16)))  # AMX bf16: faster steps
+    assert not compiled(maybe_compile(model, compute("cpu", torch.bfloat16), dynamic=True))  # SFT's changing shapes
+    assert compiled(maybe_compile(model, compute("cpu", torch.float32), "1"))
+    assert not compiled(maybe_compile(model, compute("cpu", torch.bfloat16), "0"))

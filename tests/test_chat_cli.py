@@ -47,5 +47,7 @@ def test_interactive_keeps_the_conversation_until_clear(cli_base_dir):
 def test_bad_arguments_and_missing_model_give_clear_errors(tmp_path):
     code, _, err = run_cli(tmp_path, ["-t", "-1"])
     assert code == 2 and "--temperature" in err
-    code, _, err = run_cli(tmp_path, ["-p", "hi"])
+    code, _, err = run_cli(tmp_path, ["-p", "hi"])  # no -i and nothing trained yet
+    assert code != 0 and "no checkpoint of any stage" in err and "speedrun.sh" in err and "Traceback" not in err
+    code, _, err = run_cli(tmp_path, ["-p", "hi", "-i", "sft"])
     assert code != 0 and "cannot load the sft model" in err and "Traceback" not in err

@@ -290,9 +290,9 @@ def assert_resume_is_bit_exact(base_dir, module, stage_dir, flags):
 
 
 @pytest.mark.slow
-def test_mid_then_sft_scripts_resume_bit_exact_and_chat_cli_uses_the_sft_model(chat_base_dir):
+def test_mid_then_sft_scripts_resume_bit_exact_then_chat_eval_and_chat_cli(chat_base_dir):
     mid_flags = ["--device-batch-size", "4", "--total-batch-size", "2048", "--eval-every", "3", "--eval-tokens", "2048",
-                 "--stand-in-size", "300"]
+                 "--stand-in-size", "300", "--compile", "0"]
     log, meta = assert_resume_is_bit_exact(chat_base_dir, "scripts.mid_train", "mid_checkpoints", mid_flags)
     assert "STAND-INS" in log and meta["source"] == {"stage": "base", "model_tag": "d2", "step": 10}
     assert "## Midtraining" in open(os.path.join(chat_base_dir, "report", "midtraining.md")).read()
@@ -303,6 +303,12 @@ def test_mid_then_sft_scripts_resume_bit_exact_and_chat_cli_uses_the_sft_model(c
     assert meta["source"]["stage"] == "mid" and "WordNet-MC (stand-in) accuracy" in log
     section = open(os.path.join(chat_base_dir, "report", "chat-sft.md")).read()
     assert "Replies ending their turn, SFT model" in section and "Padded fraction of the rows" in section
+
+    # chat_eval on the stand-ins labels every score as a stand-in, in the log and in the report
+    log = run_script(chat_base_dir, "scripts.chat_eval", ["-i", "sft", "--max-problems", "4", "--max-new-tokens", "16"])
+    assert "STAND-INS" in log and "ChatCORE (stand-ins): " in log
+    section = open(os.path.join(chat_base_dir, "report", "chat-evaluation-sft.md")).read()
+    assert "- WordNet-MC (stand-in): " in section and "- Arithmetic (stand-in): " in section and "not the real benchmarks" in section
 
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(chat_base_dir), PYTHONPATH=REPO_ROOT)
     result = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "-p", "Hello", "-t", "0", "--max-tokens", "8"],

@@ -260,3 +260,28 @@ def test_torchrun_ranks_read_disjoint_documents(data_dir, tmp_path):
     (rank0, world0, ids0), (rank1, world1, ids1) = json.loads(result.read_text())
     assert (rank0, world0, rank1, world1) == (0, 2, 1, 2)
     assert ids0 and ids1 and not set(ids0) & set(ids1)
+
+
+def test_single_pass_reads_each_document_at_most_once_then_stops(data_dir):
+    """What evaluations use: a small val split is never looped (the old loader re-read it ~80 times per eval)."""
+    from nanochat.loss_eval import evaluate_bpb
+
+    loader = PretrainLoader(ByteTokenizer(), batch_size=2, seq_len=31, split="val", rank=0, world_size=1,
+                            buffer_size=4, data_dir=data_dir, single_pass=True)
+    batches = list(loader)  # ends by itself
+    assert loader.epoch == 0 and batches
+    ids_seen = [segment[:segment.index(">") + 1] for batch in batches for row in rows_of(batch) for segment in segments(row)
+                if segment.startswith("<") and ">" in segment]
+    assert len(ids_seen) == len(set(ids_seen))  # no document twice
+    assert len(ids_seen) >= 12  # and most of the 16 val documents were read (only the last partial row is dropped)
+
+    class UniformModel(torch.nn.Module):
+        def forward(self, inputs, targets, loss_reduction="none"):
+            return torch.full(targets.shape, 2.0)
+
+    token_bytes = torch.ones(257, dtype=torch.long)
+    # asking for 1,000 batches reads the one pass there is and stops; the same number as the batches above
+    fresh = PretrainLoader(ByteTokenizer(), batch_size=2, seq_len=31, split="val", rank=0, world_size=1,
+                           buffer_size=4, data_dir=data_dir, single_pass=True)
+    assert evaluate_bpb(UniformModel(), fresh, 1000, token_bytes) == pytest.approx(2.0 / np.log(2), rel=1e-6)
+    assert len(batches) * 64 <= fresh.tokens_emitted < (len(batches) + 1) * 64  # the dropped partial batch aside
