@@ -364,6 +364,8 @@ def load_source_model(parser, source, args, compute):
         model, tokenizer, meta = load_model(source, compute.device, phase="train", model_tag=args.model_tag, step=args.step)
     except (FileNotFoundError, ValueError) as e:
         parser.error(f"cannot load the {source} model: {e}")
+    if args.max_seq_len != -1 and args.max_seq_len <= 0:
+        parser.error(f"--max-seq-len must be positive, or -1 for the model's own context (got {args.max_seq_len})")
     seq_len = model.config.sequence_len if args.max_seq_len == -1 else args.max_seq_len
     print0(f"{source} model {meta['model_tag']} step {meta['step']}: {model.num_params():,} parameters | rows of up to {seq_len} tokens")
     return model, tokenizer, meta, seq_len
