@@ -30,6 +30,21 @@ class EndOfSplit(Exception):
     """A single-pass loader has read every document of its split."""
 
 
+def resolve_ranks(rank, world_size):
+    """The given rank and world size, or torchrun's when either is None."""
+    if rank is None or world_size is None:
+        _, rank, _, world_size = get_dist_info()
+    return rank, world_size
+
+
+def render_at(dataset, index, tokenizer, max_tokens, train_on="assistant"):
+    """(ids, mask) of conversation `index` of dataset (tokenizer.render_conversation); a malformed one names its index."""
+    try:
+        return tokenizer.render_conversation(dataset[index], max_tokens=max_tokens, train_on=train_on)
+    except ValueError as error:
+        raise ValueError(f"conversation {index} of the training data is malformed: {error}") from None
+
+
 def to_device(inputs, targets, device):
     if device.type == "cuda":
         # pinned memory lets the copy run asynchronously while the GPU works on the previous step
@@ -125,8 +140,7 @@ class PretrainLoader(BestFitPacker):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val' (got {split!r})")
         super().__init__(batch_size, seq_len, device, buffer_size)
-        if rank is None or world_size is None:
-            _, rank, _, world_size = get_dist_info()
+        rank, world_size = resolve_ranks(rank, world_size)
         self.tokenizer = tokenizer
         self.bos = tokenizer.get_bos_token_id()
         self.split, self.single_pass = split, single_pass
@@ -225,8 +239,7 @@ class ConversationLoader(BestFitPacker):
     def __init__(self, dataset, tokenizer, batch_size, seq_len, device="cpu", resume_state=None, rank=None, world_size=None,
                  buffer_size=100, single_pass=False, train_on="all"):
         super().__init__(batch_size, seq_len, device, buffer_size)
-        if rank is None or world_size is None:
-            _, rank, _, world_size = get_dist_info()
+        rank, world_size = resolve_ranks(rank, world_size)
         if len(dataset) <= rank:
             raise ValueError(f"rank {rank} gets no conversations: the dataset has {len(dataset)}, fewer than the {world_size} ranks")
         self.dataset, self.tokenizer, self.train_on = dataset, tokenizer, train_on
@@ -236,11 +249,8 @@ class ConversationLoader(BestFitPacker):
             self.load_state(resume_state)
 
     def render(self, index):
-        try:
-            # whole, not truncated to a row: a long conversation must not look like a perfect fit to best-fit packing
-            ids, mask = self.tokenizer.render_conversation(self.dataset[index], max_tokens=10**9, train_on=self.train_on)
-        except ValueError as error:
-            raise ValueError(f"conversation {index} of the training data is malformed: {error}") from None
+        # whole, not truncated to a row: a long conversation must not look like a perfect fit to best-fit packing
+        ids, mask = render_at(self.dataset, index, self.tokenizer, max_tokens=10**9, train_on=self.train_on)
         return ids, np.array(mask, dtype=np.int64)
 
     def refill(self):
@@ -285,8 +295,7 @@ class SFTLoader:
 
     def __init__(self, dataset, tokenizer, batch_size, max_seq_len, grad_accum_steps=1, device="cpu", resume_state=None,
                  rank=None, world_size=None, single_pass=False, pad_multiple=8):
-        if rank is None or world_size is None:
-            _, rank, _, world_size = get_dist_info()
+        rank, world_size = resolve_ranks(rank, world_size)
         if len(dataset) == 0:
             raise ValueError("the SFT dataset is empty")
         self.dataset, self.tokenizer = dataset, tokenizer
@@ -311,11 +320,8 @@ class SFTLoader:
                 indexes = range(first, min(first + self.rows_per_step, len(self.dataset)))
             rows = []
             for position, index in enumerate(indexes):
-                conversation = self.dataset[index % len(self.dataset)]  # wraps around: the next epoch
-                try:
-                    ids, mask = self.tokenizer.render_conversation(conversation, max_tokens=self.max_seq_len + 1)
-                except ValueError as error:
-                    raise ValueError(f"conversation {index % len(self.dataset)} of the SFT data is malformed: {error}") from None
+                # index wraps around the dataset: the next epoch
+                ids, mask = render_at(self.dataset, index % len(self.dataset), self.tokenizer, max_tokens=self.max_seq_len + 1)
                 rows.append((len(ids), position, ids, mask))
             self._step_rows = (step, sorted(rows, key=lambda row: row[:2]))
         return self._step_rows[1]

@@ -17,7 +17,7 @@ import math
 import os
 
 from nanochat.common import compute_cleanup, get_base_dir, print0
-from nanochat.dataloader import ConversationLoader
+from nanochat.dataloader import ConversationLoader, render_at
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
@@ -58,7 +58,7 @@ def mid_mixture(stand_ins, stand_in_size):
 def estimate_tokens(dataset, tokenizer, max_tokens, samples=2000):
     """Tokens in one pass over dataset, from an evenly spaced sample of its conversations (exact when small)."""
     indexes = range(0, len(dataset), max(1, len(dataset) // samples))
-    lengths = [len(tokenizer.render_conversation(dataset[i], max_tokens=max_tokens)[0]) for i in indexes]
+    lengths = [len(render_at(dataset, i, tokenizer, max_tokens)[0]) for i in indexes]
     return sum(lengths) / len(lengths) * len(dataset)
 
 

@@ -147,6 +147,12 @@ def test_sft_loader_pads_sorts_and_deals_rows_like_one_process(tiny_tokenizer):
     assert inputs[0, :len(ids) - 1].tolist() == ids[:-1]
     # a single pass ends
     assert len(list(SFTLoader(data, tiny_tokenizer, batch_size=4, max_seq_len=96, rank=0, world_size=1, single_pass=True))) == 10
+    # a malformed conversation is an error that says which one, in both chat loaders
+    broken = ListData([data[0], {"messages": [{"role": "assistant", "content": "I speak first"}]}])
+    with pytest.raises(ValueError, match="conversation 1 of the training data is malformed: message 0 should be from the user"):
+        next(SFTLoader(broken, tiny_tokenizer, batch_size=2, max_seq_len=96, rank=0, world_size=1))
+    with pytest.raises(ValueError, match="conversation 1 of the training data is malformed"):
+        next(ConversationLoader(broken, tiny_tokenizer, batch_size=1, seq_len=32, rank=0, world_size=1))
 
 
 def tiny_model(vocab_size, seed=0, seq_len=128):
