@@ -24,6 +24,10 @@ if ! command -v cargo >/dev/null 2>&1; then
     source "$HOME/.cargo/env"
 fi
 command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
+# bubblewrap contains the Python the model writes (tool calls, HumanEval); without it a weaker sandbox runs
+if ! command -v bwrap >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -qq bubblewrap >/dev/null 2>&1 || echo "Could not install bubblewrap (apt-get install bubblewrap): model-written code will run in the weak sandbox."
+fi
 uv sync --python python3 --inexact  # --inexact: keep extras such as the test tools
 source .venv/bin/activate
 

@@ -5,6 +5,7 @@ The engine prefills the prompt once (batch 1), copies that cache into `num_sampl
 decodes one token per step for all rows together. When a row writes
 <|python_start|> code <|python_end|>, the engine runs the code in the sandbox (nanochat/execution.py)
 and forces <|output_start|> result <|output_end|> into that row; forced tokens have mask 0.
+Calculator calls (arithmetic, string counting) skip the sandbox: nanochat/calculator.py evaluates them in-process.
 
 Everything the model sees per step is one token per row, so the work per token is one small
 forward pass; the Python around it is kept to a handful of operations per step.
@@ -17,7 +18,8 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from nanochat.execution import execute_code
+from nanochat.calculator import NotCalculable, calculate
+from nanochat.execution import execute_code, sandbox_is_strong
 
 CACHE_CHUNK = 1024  # the cache grows in steps of this many positions (rarely: the first size is prompt + max_tokens)
 MAX_TOOL_OUTPUT_CHARS = 200  # what a tool call can force into the context; a runaway print must not flood it
@@ -105,13 +107,27 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     return choice if indices is None else indices.gather(-1, choice)
 
 
-def run_tool_call(code, timeout=2.0):
+REFUSED_TOOL_CODE = ("Error: this server runs only calculator expressions: no sandbox for other code "
+                     "(install bubblewrap, or start chat_web with --allow-unsandboxed-code)")
+
+
+def run_tool_call(code, timeout=2.0, allow_weak_sandbox=True):
     """
-    Run one tool call in the sandbox and return the text to force into the context.
+    Run one tool call and return the text to force into the context.
     An expression (e.g. `12*7` or `"strawberry".count("r")`) gives its value; statements give what they print.
+    Calculator expressions are evaluated in-process (microseconds); anything else goes to the sandbox,
+    unless the host has only the weak one and `allow_weak_sandbox` is False (a server open to the network).
     Errors and timeouts give a short "Error: ..." so the model sees something and the row never stalls.
     """
     code = code.strip()
+    try:
+        return calculate(code)[:MAX_TOOL_OUTPUT_CHARS]
+    except NotCalculable:
+        pass
+    except (ArithmeticError, ValueError, TypeError, IndexError, KeyError, MemoryError) as e:
+        return f"Error: {type(e).__name__}: {e}"[:MAX_TOOL_OUTPUT_CHARS]
+    if not allow_weak_sandbox and not sandbox_is_strong():
+        return REFUSED_TOOL_CODE
     try:
         ast.parse(code, mode="eval")
         program = f"print(eval(compile({code!r}, '<tool>', 'eval')))"
@@ -149,11 +165,12 @@ class RowState:
 
 class Engine:
 
-    def __init__(self, model, tokenizer, tool_timeout=2.0, run_tools=True):
+    def __init__(self, model, tokenizer, tool_timeout=2.0, run_tools=True, allow_weak_sandbox=True):
         self.model = model
         self.tokenizer = tokenizer
         self.tool_timeout = tool_timeout
         self.run_tools = run_tools  # False: tool calls are generated but not run (nothing is forced in)
+        self.allow_weak_sandbox = allow_weak_sandbox  # False: without bubblewrap, only calculator calls run
         special = tokenizer.encode_special
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
@@ -182,7 +199,8 @@ class Engine:
         elif token == self.python_end and state.in_python_block:
             state.in_python_block = False
             if state.python_tokens and self.run_tools:
-                output = run_tool_call(self.tokenizer.decode(state.python_tokens), timeout=self.tool_timeout)
+                output = run_tool_call(self.tokenizer.decode(state.python_tokens), timeout=self.tool_timeout,
+                                       allow_weak_sandbox=self.allow_weak_sandbox)
                 state.forced_tokens.append(self.output_start)
                 state.forced_tokens.extend(self.tokenizer.encode(output))
                 state.forced_tokens.append(self.output_end)

@@ -1,0 +1,172 @@
+"""
+The calculator: tool calls that are plain arithmetic or string counting, evaluated in-process.
+
+Most tool calls a chat model makes need no Python interpreter at all. GSM8K's annotations
+(`<<48/2=24>>`) become calls like `48/2`, the spelling tasks emit `'strawberry'.count('r')`.
+Starting a sandboxed interpreter for those costs tens of milliseconds; walking their syntax tree
+costs microseconds.
+
+So we parse the call with `ast` and evaluate the tree ourselves, accepting only a whitelist:
+numbers, string literals, lists and tuples, arithmetic, comparisons, `and`/`or`/`not`, a few
+builtins (len, abs, round, min, max, sum, int, float, str) and a few methods of strings and lists.
+There are no names, no attribute access beyond those methods and no statements, so
+`__import__('os')` or `().__class__.__bases__` is not something this evaluator can express.
+Anything outside the whitelist raises NotCalculable and the caller hands it to the real sandbox
+(nanochat/execution.py).
+
+Python's own arithmetic will happily try to compute `9**9**9` or `'a' * 10**10` and take the
+process down with it, so every operation whose result could be huge checks the size *before*
+computing: integers stay under MAX_INT_BITS, strings and lists under MAX_LENGTH items.
+The answer is the text `print()` would show, so a call gives the same text here as in the sandbox.
+"""
+import ast
+import operator
+
+MAX_EXPRESSION_CHARS = 2000
+MAX_NODES = 500  # bounds the work of one call; a GSM8K annotation has a few dozen
+MAX_INT_BITS = 4096  # about 1,200 decimal digits, well under Python's 4,300-digit str() limit
+MAX_LENGTH = 100_000  # characters of a string, items of a list
+
+
+class NotCalculable(Exception):
+    """The code is not a whitelisted expression: run it in the sandbox instead."""
+
+
+class CalculatorError(ArithmeticError):
+    """A whitelisted expression whose result would exceed the bounds (`9**9**9`)."""
+
+
+BINARY_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+                    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+UNARY_OPERATORS = {ast.UAdd: operator.pos, ast.USub: operator.neg, ast.Not: operator.not_}
+COMPARISONS = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+               ast.Gt: operator.gt, ast.GtE: operator.ge, ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}
+FUNCTIONS = {"len": len, "abs": abs, "round": round, "min": min, "max": max, "sum": sum, "int": int, "float": float, "str": str}
+STRING_METHODS = {"count", "find", "rfind", "index", "upper", "lower", "strip", "lstrip", "rstrip", "startswith",
+                  "endswith", "split", "replace", "isdigit", "isalpha", "isupper", "islower", "title", "capitalize"}
+LIST_METHODS = {"count", "index"}
+
+
+def _length(value):
+    """Characters the value prints as, about: a list of 10**5 references to one long string is long too."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, (list, tuple)):
+        return len(value) + sum(_length(item) for item in value)  # items are never lists, so this is one level
+    return 1
+
+
+def _check_size(value):
+    """Every intermediate result passes through here, so no later step can start from something huge."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
+        raise CalculatorError(f"number too large (more than {MAX_INT_BITS} bits)")
+    if isinstance(value, (str, list, tuple)) and _length(value) > MAX_LENGTH:
+        raise CalculatorError(f"result too long (more than {MAX_LENGTH:,} characters)")
+    return value
+
+
+def _check_binary(op, left, right):
+    """Refuse an operation whose result would be huge before Python spends time and memory computing it."""
+    is_int = lambda x: isinstance(x, int)  # bool is an int too, and harmless
+    if op is ast.Pow and is_int(left) and is_int(right) and right > 0 and abs(left) > 1:
+        # |left| ** right has about bit_length(left) * right bits
+        if (abs(left).bit_length() - 1) * right > MAX_INT_BITS:
+            raise CalculatorError(f"number too large (more than {MAX_INT_BITS} bits)")
+    if op is ast.Mult:
+        if is_int(left) and is_int(right) and left.bit_length() + right.bit_length() > MAX_INT_BITS + 1:
+            raise CalculatorError(f"number too large (more than {MAX_INT_BITS} bits)")
+        for sequence, count in ((left, right), (right, left)):
+            if isinstance(sequence, (str, list, tuple)) and is_int(count) and _length(sequence) * count > MAX_LENGTH:
+                raise CalculatorError(f"result too long (more than {MAX_LENGTH:,} characters)")
+    if op is ast.Mod and isinstance(left, str):
+        # printf-style formatting: '%0999999999d' % 1 would build a gigabyte string
+        raise NotCalculable("string formatting")
+
+
+def _call_method(receiver, name, arguments):
+    allowed = STRING_METHODS if isinstance(receiver, str) else LIST_METHODS if isinstance(receiver, (list, tuple)) else ()
+    if name not in allowed:
+        raise NotCalculable(f"method {name!r} of {type(receiver).__name__}")
+    if name == "replace" and len(arguments) >= 2 and isinstance(arguments[1], str):
+        # each occurrence can grow the string by len(new): bound it before replacing
+        if len(receiver) + receiver.count(arguments[0]) * len(arguments[1]) > MAX_LENGTH:
+            raise CalculatorError(f"result too long (more than {MAX_LENGTH:,} characters)")
+    return getattr(receiver, name)(*arguments)
+
+
+def _evaluate(node):
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float, str, bool):
+        return _check_size(node.value)
+    if isinstance(node, (ast.List, ast.Tuple)):
+        items = [_evaluate(item) for item in node.elts]
+        if any(isinstance(item, (list, tuple)) for item in items):
+            # nesting would let [[1]*99999]*99999 hold 10**10 items behind a few references
+            raise NotCalculable("nested lists")
+        return items if isinstance(node, ast.List) else tuple(items)
+    if isinstance(node, ast.BinOp) and type(node.op) in BINARY_OPERATORS:
+        left, right = _evaluate(node.left), _evaluate(node.right)
+        _check_binary(type(node.op), left, right)
+        return _check_size(BINARY_OPERATORS[type(node.op)](left, right))
+    if isinstance(node, ast.UnaryOp) and type(node.op) in UNARY_OPERATORS:
+        return UNARY_OPERATORS[type(node.op)](_evaluate(node.operand))
+    if isinstance(node, ast.BoolOp):
+        value = _evaluate(node.values[0])
+        for operand in node.values[1:]:
+            # short-circuit like Python: `and` stops at the first falsy value, `or` at the first truthy one
+            if bool(value) == isinstance(node.op, ast.Or):
+                return value
+            value = _evaluate(operand)
+        return value
+    if isinstance(node, ast.Compare) and all(type(op) in COMPARISONS for op in node.ops):
+        left = _evaluate(node.left)
+        for op, comparator in zip(node.ops, node.comparators):
+            right = _evaluate(comparator)
+            if not COMPARISONS[type(op)](left, right):
+                return False
+            left = right
+        return True
+    if isinstance(node, ast.IfExp):
+        return _evaluate(node.body) if _evaluate(node.test) else _evaluate(node.orelse)
+    if isinstance(node, ast.Subscript):
+        container = _evaluate(node.value)
+        if not isinstance(container, (str, list, tuple)):
+            raise NotCalculable("subscript of a non-sequence")
+        index = node.slice
+        if isinstance(index, ast.Slice):
+            parts = [None if part is None else _evaluate(part) for part in (index.lower, index.upper, index.step)]
+            return container[slice(*parts)]
+        return container[_evaluate(index)]
+    if isinstance(node, ast.Call) and not node.keywords:
+        arguments = [_evaluate(argument) for argument in node.args]
+        if isinstance(node.func, ast.Name) and node.func.id in FUNCTIONS:
+            if node.func.id == "int" and arguments and isinstance(arguments[0], str) and len(arguments[0]) > 1000:
+                raise CalculatorError("int() of a string longer than 1000 characters")
+            if node.func.id == "round" and len(arguments) > 1 and isinstance(arguments[1], int) and abs(arguments[1]) > 1000:
+                raise CalculatorError("round() to more than 1000 digits")  # round(5, -10**8) computes 10**(10**8)
+            if node.func.id == "sum" and len(arguments) != 1:
+                raise NotCalculable("sum() with a start value")  # sum(lists, []) concatenates before we can check
+            return _check_size(FUNCTIONS[node.func.id](*arguments))
+        if isinstance(node.func, ast.Attribute):
+            return _check_size(_call_method(_evaluate(node.func.value), node.func.attr, arguments))
+    raise NotCalculable(f"{type(node).__name__} is not calculator syntax")
+
+
+def calculate(code):
+    """
+    The value of a whitelisted expression, as the text print() would show.
+    Raises NotCalculable for anything else, CalculatorError or Python's own error (ZeroDivisionError, ...)
+    when the expression is calculator syntax but cannot be computed.
+    """
+    code = code.strip()
+    if len(code) > MAX_EXPRESSION_CHARS:
+        raise NotCalculable("too long for the calculator")
+    try:
+        tree = ast.parse(code, mode="eval")
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        raise NotCalculable("not a single expression")
+    if sum(1 for _ in ast.walk(tree)) > MAX_NODES:
+        raise NotCalculable("too many operations for the calculator")
+    try:
+        return str(_evaluate(tree.body))
+    except RecursionError:
+        raise CalculatorError("expression nested too deeply")
