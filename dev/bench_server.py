@@ -8,6 +8,12 @@ as the baseline in the same run. Load is bounded: every client waits for its rep
 
 Without --url it writes a random checkpoint (depth --depth) and tokenizer into a temp
 NANOCHAT_BASE_DIR and starts `scripts.chat_web` on a free port.
+
+Memory under a huge upload instead: stream 1 GB (chunked, no Content-Length) and print the server's peak RSS
+
+    python -m dev.bench_server --upload-mb 1024
+    git show 3836426:scripts/chat_web.py > /tmp/old_chat_web.py   # the server before its body limit, to compare
+    python -m dev.bench_server --upload-mb 1024 --server-script /tmp/old_chat_web.py
 """
 import argparse
 import asyncio
@@ -17,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import httpx
@@ -28,6 +35,10 @@ parser.add_argument("--requests-per-client", type=int, default=4, help="requests
 parser.add_argument("--max-tokens", type=int, default=64, help="tokens per reply")
 parser.add_argument("--depth", type=int, default=2, help="depth of the random model the self-started server uses")
 parser.add_argument("--threads", type=int, default=2, help="torch threads of the self-started server")
+parser.add_argument("--upload-mb", type=int, default=0,
+                    help="instead of the load test: stream this many MB as one request body and print the server's peak RSS")
+parser.add_argument("--server-script", type=str, default=None,
+                    help="start this file as the server instead of scripts.chat_web (e.g. an older chat_web.py, to compare)")
 args = parser.parse_args()
 
 
@@ -55,8 +66,10 @@ def start_server():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "NANOCHAT_BASE_DIR": base_dir}
-    process = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--host", "127.0.0.1", "--port", str(port),
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "NANOCHAT_BASE_DIR": base_dir, "PYTHONPATH": repo_root}  # a --server-script imports nanochat too
+    server = [args.server_script] if args.server_script else ["-m", "scripts.chat_web"]
+    process = subprocess.Popen([sys.executable, *server, "--host", "127.0.0.1", "--port", str(port),
                                 "--device-type", "cpu", "--threads", str(args.threads), "--queue-size", "1000"], env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
@@ -98,12 +111,55 @@ async def run_load(url, num_clients):
             "p50_ms": 1000 * percentile(0.50), "p99_ms": 1000 * percentile(0.99), "requests": len(flat)}
 
 
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def measure_upload(url, pid):
+    """Stream --upload-mb MB as one chunked request body while a thread samples the server's RSS every 10 ms."""
+    host, port = url.rsplit("/", 1)[1].split(":")
+    rss_before, peak, done = rss_mb(pid), [rss_mb(pid)], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mb(pid))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    piece = b"x" * (1 << 20)
+    chunk = b"%x\r\n" % len(piece) + piece + b"\r\n"
+    sent, answer, t0 = 0, b"", time.perf_counter()
+    with socket.create_connection((host, int(port)), timeout=300) as sock:
+        try:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            while sent < args.upload_mb << 20:
+                sock.sendall(chunk)
+                sent += len(piece)
+            sock.sendall(b"0\r\n\r\n")
+            answer = sock.recv(1 << 16)
+        except OSError as e:  # the server stopped reading and hung up
+            answer = f"(connection closed: {type(e).__name__})".encode()
+    time.sleep(0.5)  # the peak may come after the last byte, while the server joins what it read
+    done.set()
+    sampler.join()
+    status = answer.split(b"\r\n", 1)[0].decode(errors="replace")
+    print(f"sent {sent / 2**20:.0f} MB of {args.upload_mb} MB in {time.perf_counter() - t0:.1f} s; server answered: {status}")
+    print(f"server RSS: {rss_before:.0f} MB before, {peak[0]:.0f} MB peak ({peak[0] - rss_before:+.0f} MB)")
+
+
 def main():
+    if args.upload_mb and args.url:
+        raise SystemExit("--upload-mb reads the server's memory from /proc: leave out --url so it starts its own")
     process = None
     url = args.url
     if url is None:
         url, process = start_server()
     try:
+        if args.upload_mb:
+            return measure_upload(url, process.pid)
         workers = httpx.get(url + "/stats").json()["workers_total"]
         print(f"server {url}, {workers} worker(s), {args.max_tokens} tokens per reply, {args.requests_per_client} requests per client")
         asyncio.run(run_load(url, 1))  # warm-up

@@ -12,6 +12,10 @@ Endpoints:
 
 One model replica per GPU, each driven by its own thread. Requests beyond the replicas wait in a
 bounded queue; when it is full the server answers 503 with Retry-After rather than piling up work.
+
+Clients may be hostile: request bodies over 1 MB are refused as they arrive, a request must arrive
+whole within --request-timeout seconds, connections beyond --max-connections get 503, and every
+parameter is checked before any of it reaches the model. /docs and /openapi.json only with --api-docs.
 """
 import argparse
 import asyncio
@@ -21,13 +25,16 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from itertools import accumulate
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat.common import autodetect_device_type, logger
 from nanochat.engine import Engine, IncrementalDecoder, prepare_for_inference, tool_call_display
+from nanochat.execution import find_sandbox
 
 # Limits on what one request may ask for: each violation is a 400 that names the limit.
 MAX_MESSAGES = 500
@@ -38,6 +45,12 @@ MIN_TOP_K, MAX_TOP_K = 0, 200  # 0 = no top-k
 MIN_MAX_TOKENS, MAX_MAX_TOKENS = 1, 4096
 MAX_STOP_SEQUENCES = 4
 MAX_BODY_BYTES = 1_000_000
+MAX_JSON_DEPTH = 16  # a chat request needs 4 (body, messages, message, content parts)
+# The sampler works in float32: a temperature below ~1e-37 divides logits into inf (NaN probabilities) and
+# a top_p below ~1e-45 rounds to 0 and drops every token; both crashed the generation (a 500). Below these
+# floors sampling is greedy in effect anyway (the top token's probability is at least 1/vocab_size > 1e-9).
+MIN_SAMPLING_TEMPERATURE = 1e-3  # a lower positive temperature samples greedily, as 0 does
+MIN_TOP_P = 1e-9  # a lower top_p (0 included, which OpenAI allows) keeps only the most likely token
 
 
 class RequestError(Exception):
@@ -53,15 +66,39 @@ def error_response(error, headers=None):
     return JSONResponse(body, status_code=error.status, headers=headers)
 
 
+NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
+BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def json_depth(raw_body):
+    """How deep arrays/objects nest in raw_body, found without parsing: json.loads recurses once per level, and
+    a body nested 5,000 deep crashed it (a 500). Linear: about 50-100 ms for the worst 1 MB body."""
+    # drop escaped backslashes, then escaped quotes: every quote left opens or closes a string. (A regex for
+    # strings with escapes is no shortcut: on 1 MB of \" it backtracks quadratically, for hours.)
+    unescaped = raw_body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside_strings = b"".join(unescaped.split(b'"')[::2])  # brackets inside strings are text
+    brackets = outside_strings.translate(None, NOT_BRACKETS)
+    return max(accumulate(map(BRACKET_STEP.get, brackets)), default=0)
+
+
 def _number(body, name, default, low, high, integer=False):
     value = body.get(name)
     if value is None:
         return default
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind):
+    if isinstance(value, bool) or not isinstance(value, kind):  # bool is an int in Python; true is not a number
         raise RequestError(f"{name} must be {'an integer' if integer else 'a number'}", name, f"invalid_{name}")
-    if not low <= value <= high:
+    if not low <= value <= high:  # also false for NaN (json.loads reads NaN, Infinity and 1e999 as floats)
         raise RequestError(f"{name} must be between {low} and {high} (got {value})", name, f"{name}_out_of_range")
+    return value
+
+
+def _flag(mapping, name, param):
+    value = mapping.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):  # bool("no") is True: a string or a number here is a client bug, say so
+        raise RequestError(f"{param} must be true or false", param, f"invalid_{name}")
     return value
 
 
@@ -80,9 +117,11 @@ def parse_request(raw_body, defaults):
     """Validate a chat request body (bytes) -> (messages, sampling options, stream options). Raises RequestError."""
     if len(raw_body) > MAX_BODY_BYTES:
         raise RequestError(f"request body is larger than {MAX_BODY_BYTES} bytes", None, "body_too_large", status=413)
+    if json_depth(raw_body) > MAX_JSON_DEPTH:
+        raise RequestError(f"request body nests arrays/objects more than {MAX_JSON_DEPTH} levels deep", None, "json_too_deep")
     try:
         body = json.loads(raw_body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # bad JSON, bad UTF-8, or an integer of more than 4300 digits
         raise RequestError(f"request body is not valid JSON: {e}", None, "invalid_json")
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object", None, "invalid_json")
@@ -118,6 +157,8 @@ def parse_request(raw_body, defaults):
     if not turns or turns[-1]["role"] != "user":
         raise RequestError("the last message must be from the user", "messages", "invalid_role_order")
     n = body.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise RequestError("n must be an integer (only 1 is supported)", "n", "invalid_n")
     if n != 1:
         raise RequestError("only n=1 is supported", "n", "n_out_of_range")
     stop = body.get("stop")
@@ -130,6 +171,8 @@ def parse_request(raw_body, defaults):
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise RequestError("stream_options must be an object", "stream_options", "invalid_stream_options")
+    stream = {"stream": _flag(body, "stream", "stream"),
+              "include_usage": _flag(stream_options, "include_usage", "stream_options.include_usage")}
     options = {
         "temperature": _number(body, "temperature", defaults.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE),
         "top_k": _number(body, "top_k", defaults.top_k, MIN_TOP_K, MAX_TOP_K, integer=True),
@@ -139,18 +182,18 @@ def parse_request(raw_body, defaults):
         "seed": _number(body, "seed", None, -2**63, 2**63 - 1, integer=True),
         "stop": stop,
     }
-    if options["top_p"] == 0.0:
-        options["top_p"] = 1e-9  # OpenAI accepts 0: "only the most likely token"
-    stream = {"stream": bool(body.get("stream", False)), "include_usage": bool(stream_options.get("include_usage", False))}
+    if options["temperature"] < MIN_SAMPLING_TEMPERATURE:
+        options["temperature"] = 0.0
+    options["top_p"] = max(options["top_p"], MIN_TOP_P)
     return clean, options, stream
 
 
 class Worker:
     """One model replica on one device, with its own thread (torch work never blocks the event loop)."""
 
-    def __init__(self, index, model, tokenizer, device):
+    def __init__(self, index, model, tokenizer, device, allow_weak_sandbox=True):
         self.index = index
-        self.engine = Engine(model, tokenizer)
+        self.engine = Engine(model, tokenizer, allow_weak_sandbox=allow_weak_sandbox)
         self.device = device
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"worker{index}")
 
@@ -250,8 +293,88 @@ def start_generation(pool, worker, prompt_tokens, options):
     return events, cancel
 
 
-def build_app(pool, tokenizer, model_name, defaults, context_length):
-    app = FastAPI(title="nanochat")
+def refuse_large_bodies(app, max_bytes):
+    """
+    ASGI wrapper: read each request's body before the app sees it, and answer 413 as soon as its
+    Content-Length or the bytes received so far exceed max_bytes, without reading the rest. Starlette's
+    request.body() reads the whole body first: a 1 GB upload took 2 GB of memory before its 413.
+    """
+    async def guarded_app(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        too_large = RequestError(f"request body is larger than {max_bytes} bytes", None, "body_too_large", status=413)
+        # close the connection after the 413: the rest of the body is still on its way and nobody will read it
+        refusal = error_response(too_large, headers={"Connection": "close"})
+        declared = dict(scope["headers"]).get(b"content-length")  # h11 has checked it is a number
+        if declared is not None and int(declared) > max_bytes:
+            logger.info(f"{scope['path']} 413 error=body_too_large content_length={int(declared)}")
+            return await refusal(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left (or missed --request-timeout) before its body was complete
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > max_bytes:  # chunked uploads have no Content-Length: count what arrives
+                logger.info(f"{scope['path']} 413 error=body_too_large received={size}")
+                return await refusal(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay_receive():  # the body once, then what the client does next (a disconnect)
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await app(scope, replay_receive, send)
+    return guarded_app
+
+
+def h11_with_request_deadline(seconds):
+    """
+    uvicorn's HTTP/1.1 protocol plus a deadline per request: from connecting (or from the end of its
+    previous response) a client has `seconds` to send a whole request, headers and body, or it is
+    disconnected. uvicorn 0.54 has no such timer: timeout_keep_alive only runs between requests and any
+    byte cancels it, so an idle connection, or headers sent a byte at a time (slowloris), held a socket forever.
+    """
+    class H11WithRequestDeadline(H11Protocol):
+        deadline = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.start_deadline()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self.start_deadline()  # the next request on this keep-alive connection gets its own time
+
+        def connection_lost(self, exc):
+            self.deadline.cancel()
+            super().connection_lost(exc)
+
+        def start_deadline(self):
+            if self.deadline is not None:
+                self.deadline.cancel()
+            self.deadline = self.loop.call_later(seconds, self.drop_if_request_incomplete)
+
+        def drop_if_request_incomplete(self):
+            # a request fully received and being answered (a long stream, say) keeps its connection
+            request_received = self.cycle is not None and not self.cycle.more_body and not self.cycle.response_complete
+            if not request_received and not self.transport.is_closing():
+                logger.info(f"dropped a connection: no complete request within {seconds} s (--request-timeout)")
+                self.transport.close()
+
+    return H11WithRequestDeadline
+
+
+def build_app(pool, tokenizer, model_name, defaults, context_length, api_docs=False):
+    # the interactive docs and the schema are off unless asked for: they map every endpoint for anyone
+    app = FastAPI(title="nanochat", docs_url="/docs" if api_docs else None, redoc_url="/redoc" if api_docs else None,
+                  openapi_url="/openapi.json" if api_docs else None)
     ui_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
 
     def log_request(path, status, started, **fields):
@@ -306,6 +429,9 @@ def build_app(pool, tokenizer, model_name, defaults, context_length):
         finish_reason, completion_tokens = "cancelled", 0
         try:
             while True:
+                # yield to the loop first: uvicorn learns of a reset connection in a callback, and each write
+                # before that callback runs (queued events go out back to back) logs an asyncio warning
+                await asyncio.sleep(0)
                 event = await events.get()
                 if event[0] == "text":
                     yield on_text(event[1])
@@ -338,7 +464,7 @@ def build_app(pool, tokenizer, model_name, defaults, context_length):
             return {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens, "total_tokens": len(prompt) + completion_tokens}
 
         if not stream["stream"]:
-            pieces, finish_reason, completion_tokens, checks = [], "length", 0, 0
+            pieces, finish_reason, completion_tokens, checks, failure = [], "length", 0, 0, None
             try:
                 while True:
                     try:
@@ -355,15 +481,18 @@ def build_app(pool, tokenizer, model_name, defaults, context_length):
                     if event[0] == "text":
                         pieces.append(event[1])
                     elif event[0] == "error":
-                        return JSONResponse({"error": {"message": event[1], "type": "server_error"}}, status_code=500)
+                        failure, finish_reason = event[1], "error"
+                        break
                     else:
                         _, finish_reason, completion_tokens = event
                         break
             finally:
                 cancel.set()
                 pool.stats["requests_served"] += 1
-                log_request("/v1/chat/completions", 200, started, stream=False, finish=finish_reason,
+                log_request("/v1/chat/completions", 500 if failure else 200, started, stream=False, finish=finish_reason,
                             completion_tokens=completion_tokens, **fields)
+            if failure:
+                return JSONResponse({"error": {"message": failure, "type": "server_error"}}, status_code=500)
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
                                  "finish_reason": finish_reason}],
@@ -410,6 +539,27 @@ def build_app(pool, tokenizer, model_name, defaults, context_length):
     return app
 
 
+def allow_code_without_sandbox(host, allow_flag):
+    """
+    Whether tool calls that need Python (not the in-process calculator) may run when only the weak sandbox exists.
+    Reachable only from this machine: yes, whoever chats is already here. Open to a network: only when asked
+    (--allow-unsandboxed-code), since anyone who can chat could steer the model into running code on this host.
+    """
+    loopback = host == "localhost" or host.startswith("127.") or host == "::1"
+    return loopback or allow_flag
+
+
+def sandbox_policy_line(host, allow_flag):
+    """One startup log line: what contains model-written code here, and what the server does about it."""
+    sandbox = find_sandbox()
+    if sandbox.strong:
+        return f"tool calls: calculator in-process, other code in {sandbox.description}"
+    if allow_code_without_sandbox(host, allow_flag):
+        return f"tool calls: calculator in-process, other code with {sandbox.description}: not a security boundary"
+    return (f"tool calls: calculator only. Other code is refused on {host} because this host has {sandbox.description}; "
+            f"install bubblewrap, bind to 127.0.0.1, or pass --allow-unsandboxed-code to run it anyway")
+
+
 def load_workers(args):
     """One replica per GPU (--num-gpus), or a single one on CPU/MPS."""
     from nanochat.checkpoint_manager import load_model, most_advanced_source
@@ -434,7 +584,7 @@ def load_workers(args):
             model = prepare_for_inference(model)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"cannot load the {args.source} model: {e}")
-        workers.append(Worker(index, model, tokenizer, device))
+        workers.append(Worker(index, model, tokenizer, device, allow_code_without_sandbox(args.host, args.allow_unsandboxed_code)))
     return workers, tokenizer, meta
 
 
@@ -453,7 +603,19 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=512, help="default maximum tokens per reply")
     parser.add_argument("--queue-size", type=int, default=32, help="requests that may wait for a busy worker before 503")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--request-timeout", type=float, default=10.0,
+                        help="seconds a client has to send a whole request (headers and body) before it is "
+                             "disconnected; stops idle and slow (slowloris) connections from holding sockets")
+    parser.add_argument("--max-connections", type=int, default=256,
+                        help="open connections (or requests in progress) beyond which new requests get 503 "
+                             "(uvicorn's limit_concurrency)")
+    parser.add_argument("--api-docs", action="store_true", help="serve /docs, /redoc and /openapi.json (off by default)")
+    parser.add_argument("--allow-unsandboxed-code", action="store_true",
+                        help="on a non-loopback --host without bubblewrap, still run the model's non-calculator tool code "
+                             "(in the weak in-process sandbox, which is not a security boundary)")
     args = parser.parse_args()
+    if args.request_timeout <= 0 or args.max_connections < 1:
+        parser.error("--request-timeout must be above 0 seconds and --max-connections at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     import uvicorn
@@ -462,9 +624,12 @@ def main():
     model_name = f"nanochat-{args.source}-d{config['n_layer']}"
     context_length = config["sequence_len"]  # what the model was trained on; beyond it replies degrade
     pool = WorkerPool(workers, args.queue_size)
-    app = build_app(pool, tokenizer, model_name, args, context_length)
+    app = build_app(pool, tokenizer, model_name, args, context_length, api_docs=args.api_docs)
     logger.info(f"serving {model_name} on {len(workers)} worker(s) at http://{args.host}:{args.port}")
-    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning")
+    logger.info(sandbox_policy_line(args.host, args.allow_unsandboxed_code))
+    uvicorn.run(refuse_large_bodies(app, MAX_BODY_BYTES), host=args.host, port=args.port, access_log=False,
+                log_level="warning", http=h11_with_request_deadline(args.request_timeout),
+                limit_concurrency=args.max_connections)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """
 The web server, started for real (uvicorn in a subprocess on 127.0.0.1) with a tiny random model:
 the official openai client (stream and not), limits and malformed requests, disconnects, the
-bounded queue, and the chat page in headless Chromium.
+bounded queue, hostile clients (odd numbers, deep JSON, huge uploads, slowloris, too many connections),
+and the chat page in headless Chromium, hostile markdown included.
 """
 import base64
 import dataclasses
 import fcntl
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -41,6 +43,10 @@ def free_port():
         return s.getsockname()[1]
 
 
+REQUEST_TIMEOUT = 1.5  # the server's --request-timeout here: short, so the slowloris test is quick
+MAX_CONNECTIONS = 16  # the server's --max-connections here
+
+
 @pytest.fixture(scope="module")
 def server(tiny_tokenizer, tmp_path_factory):
     base_dir = tmp_path_factory.mktemp("web_base")
@@ -50,7 +56,8 @@ def server(tiny_tokenizer, tmp_path_factory):
     log_path = base_dir / "server.log"
     log = open(log_path, "w")
     process = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--host", "127.0.0.1", "--port", str(port),
-                                "--device-type", "cpu", "--threads", "1", "--queue-size", "1"],
+                                "--device-type", "cpu", "--threads", "1", "--queue-size", "1",
+                                "--request-timeout", str(REQUEST_TIMEOUT), "--max-connections", str(MAX_CONNECTIONS)],
                                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -64,7 +71,7 @@ def server(tiny_tokenizer, tmp_path_factory):
             process.kill()
             pytest.fail("server did not start:\n" + log_path.read_text())
         time.sleep(0.2)
-    yield {"url": url, "log": log_path}
+    yield {"url": url, "log": log_path, "pid": process.pid, "port": port}
     process.terminate()
     process.wait(timeout=10)
     log.close()
@@ -240,6 +247,195 @@ def test_one_log_line_per_request_without_message_text(server):
     assert any("400" in line and "temperature_out_of_range" in line for line in lines)
 
 
+# ---- hostile clients: odd values, deep JSON, huge uploads, slow and idle connections ------------
+
+def post_raw(server, raw):
+    return httpx.post(server["url"] + "/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
+
+
+def request_with(**fields):
+    """A small valid request with `fields` added, as raw JSON (NaN and Infinity written as Python's json does)."""
+    return json.dumps({"messages": GOOD, "max_tokens": 5, **fields}).encode()
+
+
+NUMERIC_EDGE_CASES = [  # (field, value, expected error code); None: a well-defined 200
+    ("top_p", 1e-300, None), ("top_p", 0, None), ("top_p", 1e300, "top_p_out_of_range"),
+    ("top_p", float("nan"), "top_p_out_of_range"), ("top_p", float("inf"), "top_p_out_of_range"),
+    ("top_p", float("-inf"), "top_p_out_of_range"), ("top_p", "0.5", "invalid_top_p"), ("top_p", True, "invalid_top_p"),
+    ("temperature", 1e-300, None), ("temperature", 1e300, "temperature_out_of_range"),
+    ("temperature", float("nan"), "temperature_out_of_range"), ("temperature", float("inf"), "temperature_out_of_range"),
+    ("temperature", float("-inf"), "temperature_out_of_range"), ("temperature", "1", "invalid_temperature"),
+    ("temperature", False, "invalid_temperature"),
+    ("top_k", 1e300, "invalid_top_k"), ("top_k", float("nan"), "invalid_top_k"), ("top_k", float("inf"), "invalid_top_k"),
+    ("top_k", -1, "top_k_out_of_range"), ("top_k", 10**30, "top_k_out_of_range"), ("top_k", "5", "invalid_top_k"),
+    ("top_k", True, "invalid_top_k"),
+    ("max_tokens", 1e300, "invalid_max_tokens"), ("max_tokens", float("nan"), "invalid_max_tokens"),
+    ("max_tokens", float("-inf"), "invalid_max_tokens"), ("max_tokens", -1, "max_tokens_out_of_range"),
+    ("max_tokens", 10**30, "max_tokens_out_of_range"), ("max_tokens", "5", "invalid_max_tokens"),
+    ("max_tokens", True, "invalid_max_tokens"),
+    ("seed", 2**70, "seed_out_of_range"), ("seed", 1.5, "invalid_seed"), ("seed", True, "invalid_seed"),
+    ("stream", "yes", "invalid_stream"), ("stream", 1, "invalid_stream"), ("n", 2.5, "invalid_n"), ("n", True, "invalid_n"),
+    ("stream_options", {"include_usage": "yes"}, "invalid_include_usage"),
+]
+
+
+def test_numeric_edge_cases_and_deep_json_get_a_400_or_a_well_defined_reply(server):
+    greedy = httpx.post(server["url"] + "/v1/chat/completions", content=request_with(temperature=0)).json()
+    greedy_text = greedy["choices"][0]["message"]["content"]
+    for field, value, code in NUMERIC_EDGE_CASES:
+        response = post_raw(server, request_with(**{field: value}))
+        if code is None:  # a vanishing temperature or top_p means "only the most likely token": the greedy reply
+            assert response.status_code == 200, (field, value, response.text)
+            assert response.json()["choices"][0]["message"]["content"] == greedy_text, (field, value)
+        else:
+            assert response.status_code == 400, (field, value, response.text)
+            assert response.json()["error"]["code"] == code, (field, value, response.json())
+    deep = b'{"messages": [{"role": "user", "content": "hi"}], "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    for raw in [deep, b"[" * 5000, b"{\"a\":" * 5000]:
+        response = post_raw(server, raw)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "json_too_deep", response.text
+    # brackets inside strings are text, not nesting; escapes are no trap for the depth count (nor slow: 800 KB of \")
+    assert post_raw(server, request_with(stop="[" * 100)).status_code == 200
+    assert post_raw(server, request_with(stop='\\"[' * 20)).status_code == 200
+    assert post_raw(server, b'\\"' * 400_000).json()["error"]["code"] == "invalid_json"
+    huge_integer = b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}"
+    assert post_raw(server, huge_integer).json()["error"]["code"] == "invalid_json"
+    assert "Traceback" not in server["log"].read_text()
+
+
+def server_rss_mb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def upload(server, head, piece, give_up_after):
+    """Send `head`, then `piece` over and over until the server answers or hangs up (or give_up_after bytes).
+    Returns (body bytes sent, the start of the server's answer or b"" if it reset the connection, peak server RSS)."""
+    sock = socket.create_connection(("127.0.0.1", server["port"]), timeout=2)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)  # little in flight: `sent` is near what the server read
+    sent, answer, peak_rss = 0, b"", server_rss_mb(server["pid"])
+    try:
+        sock.sendall(head)
+        while sent < give_up_after and not select.select([sock], [], [], 0)[0]:
+            sock.sendall(piece)
+            sent += len(piece)
+            peak_rss = max(peak_rss, server_rss_mb(server["pid"]))
+        answer = sock.recv(1 << 16)
+    except (socket.timeout, BrokenPipeError, ConnectionResetError):
+        pass  # the server stopped reading and closed: a reset may overtake its 413
+    finally:
+        sock.close()
+    return sent, answer, peak_rss
+
+
+def test_a_huge_upload_is_refused_while_it_arrives(server):
+    path = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    rss_before = server_rss_mb(server["pid"])
+    # a declared 1 GB body: refused from the headers alone, before any of it is sent
+    with socket.create_connection(("127.0.0.1", server["port"]), timeout=3) as sock:
+        sock.sendall(path + b"Content-Length: 1000000000\r\n\r\n")
+        answer = b"".join(iter(lambda: sock.recv(1 << 16), b""))  # all of it: the server closes after its 413
+    assert answer.startswith(b"HTTP/1.1 413") and b"body_too_large" in answer, answer[:200]
+    # chunked, no length: the server counts what arrives and stops reading past the limit
+    data = b"x" * (1 << 16)
+    chunk = b"%x\r\n" % len(data) + data + b"\r\n"
+    give_up_after = 64 << 20  # the old server read all of it (and would have read 1 GB)
+    sent, answer, peak_rss = upload(server, path + b"Transfer-Encoding: chunked\r\n\r\n", chunk, give_up_after)
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert sent < 8 << 20, f"sent {sent} bytes before the server stopped reading"
+    assert peak_rss - rss_before < 50, f"server RSS grew from {rss_before:.0f} MB to {peak_rss:.0f} MB"
+    assert httpx.get(server["url"] + "/health").status_code == 200
+
+
+def test_idle_and_slow_clients_are_dropped_after_the_request_timeout_but_a_long_reply_is_not(server):
+    reply = {}
+
+    def long_reply():  # sent whole at once, then answered for longer than the timeout: must not be cut
+        started = time.time()
+        body = {"messages": GOOD, "max_tokens": 3000, "temperature": 0.0, "stream": True}  # ~4 s on a 2-core CPU
+        with httpx.stream("POST", server["url"] + "/chat/completions", json=body, timeout=60) as response:
+            reply["events"] = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+        reply["seconds"] = time.time() - started
+
+    replier = threading.Thread(target=long_reply)
+    replier.start()
+
+    def connect():
+        sock = socket.create_connection(("127.0.0.1", server["port"]))
+        sock.setblocking(False)
+        return sock
+
+    clients = {"idle": connect(), "slow headers": connect(), "slow body": connect()}
+    slow_headers = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 1000
+    clients["slow body"].sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+    started, closed_after, drip = time.time(), {}, 0
+    while len(closed_after) < len(clients) and time.time() - started < REQUEST_TIMEOUT + 3:
+        for name, sock in clients.items():
+            try:
+                if name not in closed_after and sock.recv(1 << 16) == b"":
+                    closed_after[name] = time.time() - started
+            except BlockingIOError:
+                pass  # still open, nothing to read
+            except ConnectionResetError:
+                closed_after[name] = time.time() - started
+        try:  # a byte every 50 ms keeps each slow client busy but never done
+            clients["slow headers"].send(slow_headers[drip:drip + 1])
+            clients["slow body"].send(b" ")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed: the next recv notices
+        drip += 1
+        time.sleep(0.05)
+    for sock in clients.values():
+        sock.close()
+    assert set(closed_after) == set(clients), f"still open after {REQUEST_TIMEOUT + 3} s: {closed_after}"
+    assert all(REQUEST_TIMEOUT - 0.2 < seconds < REQUEST_TIMEOUT + 1.5 for seconds in closed_after.values()), closed_after
+    time.sleep(0.1)
+    assert server["log"].read_text().count("no complete request within") >= 3
+    replier.join(timeout=60)
+    assert reply["seconds"] > REQUEST_TIMEOUT, "make the reply longer: it must outlast the request timeout"
+    assert reply["events"][-1]["done"] is True and reply["events"][-1]["finish_reason"] == "length"
+
+
+def test_connections_beyond_the_cap_get_503(server):
+    idle = [socket.create_connection(("127.0.0.1", server["port"])) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.2)  # the server accepts them (they count once accepted)
+        refused = httpx.get(server["url"] + "/health")
+        assert refused.status_code == 503, refused.text
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.time() + 3
+    while httpx.get(server["url"] + "/health").status_code != 200:
+        assert time.time() < deadline, "still refusing after the other connections closed"
+        time.sleep(0.05)
+
+
+def test_api_docs_are_off(server):
+    for path in ["/docs", "/redoc", "/openapi.json"]:
+        assert httpx.get(server["url"] + path).status_code == 404, path
+
+
+def test_a_client_disconnect_logs_one_line_and_no_traceback(server):
+    wait_until_idle(server["url"])
+    log_before = len(server["log"].read_text())
+    body = {"messages": GOOD, "max_tokens": 4000, "temperature": 0.0}
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json={**body, "stream": True}) as response:
+        lines = response.iter_lines()
+        next(lines)
+        next(lines)
+    wait_until_idle(server["url"])
+    with pytest.raises(httpx.ReadTimeout):  # not streamed: give up while it generates
+        httpx.post(server["url"] + "/v1/chat/completions", json=body, timeout=0.3)
+    wait_until_idle(server["url"])
+    time.sleep(0.2)
+    log = server["log"].read_text()
+    new_lines = [line for line in log[log_before:].splitlines() if "/stats" not in line]  # wait_until_idle polls /stats
+    assert len(new_lines) == 2, new_lines
+    assert all("/v1/chat/completions 200" in line and "finish=cancelled" in line for line in new_lines), new_lines
+    assert "Traceback" not in log and "Exception" not in log
+
+
 # ---- the chat page in a real browser -------------------------------------------------------------
 
 class Chromium:
@@ -365,3 +561,96 @@ def test_chat_page_in_headless_chromium(server, tmp_path):
     finally:
         browser.close()
     wait_until_idle(server["url"])
+
+
+HOSTILE_MARKDOWN = "\n".join([
+    'plain <script>window.__pwned = "script"</script> text',
+    '<img src=x onerror="window.__pwned = \'img\'">',
+    '[click me](javascript:window.__pwned=\'link\') <a href="javascript:window.__pwned=\'a\'">a</a>',
+    '`<b onmouseover="window.__pwned=\'inline\'">x</b>` and `" onmouseover="window.__pwned=\'inline2\'`',
+    '```" onmouseover="window.__pwned=\'fence\'" x="',
+    "print(1)",
+    "```",
+    "```' onmouseover='window.__pwned=\"fence2\"' x='",
+    "code",
+    "```",
+    '<svg onload="window.__pwned=\'svg\'"></svg><iframe src="javascript:parent.__pwned=\'iframe\'"></iframe>',
+])
+
+# fire every handler an injected attribute could hang on, then report what the bubbles hold
+PROBE_BUBBLES = """(async () => {
+  const bubbles = [...document.querySelectorAll('.bubble')];
+  for (const element of bubbles.flatMap(b => [b, ...b.querySelectorAll('*')])) {
+    for (const type of ['mouseover', 'mouseenter', 'focus', 'load', 'error']) element.dispatchEvent(new Event(type, {bubbles: true}));
+    element.click();
+  }
+  await new Promise(resolve => setTimeout(resolve, 300));  // time for an <img onerror> or <svg onload> to fire
+  const elements = bubbles.flatMap(b => [...b.querySelectorAll('*')]);
+  return {pwned: window.__pwned === undefined ? null : String(window.__pwned), location: location.href,
+          tags: [...new Set(elements.map(e => e.tagName))], attributes: [...new Set(elements.flatMap(e => e.getAttributeNames()))],
+          languages: [...document.querySelectorAll('.bubble code[data-language]')].map(e => e.getAttribute('data-language')),
+          texts: bubbles.map(b => b.textContent)};
+})()"""
+
+
+def assert_shown_as_text(probe, url):
+    assert probe["pwned"] is None, f"an injected handler ran: {probe['pwned']}"
+    assert probe["location"] == url
+    assert set(probe["tags"]) <= {"PRE", "CODE"}, probe["tags"]
+    assert set(probe["attributes"]) <= {"data-language"}, probe["attributes"]
+    assert '" onmouseover="window.__pwned=\'fence\'" x="' in probe["languages"], probe["languages"]
+    assert "' onmouseover='window.__pwned=\"fence2\"' x='" in probe["languages"], probe["languages"]
+    shown = probe["texts"][-1]
+    for literal in ['<script>window.__pwned = "script"</script>', '<img src=x onerror="window.__pwned = \'img\'">',
+                    "[click me](javascript:window.__pwned='link')", '<b onmouseover="window.__pwned=\'inline\'">x</b>',
+                    "print(1)", '<iframe src="javascript:parent.__pwned=\'iframe\'"></iframe>']:
+        assert literal in shown, (literal, shown)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs the Debian package chromium (apt-get install -y chromium)")
+def test_hostile_markdown_is_shown_as_text_in_headless_chromium(server, tmp_path):
+    browser = Chromium(CHROMIUM, tmp_path / "profile")
+    page = server["url"] + "/"
+    try:
+        browser.open(page, 1000, 720)
+        browser.wait_for("document.readyState === 'complete' && document.getElementById('model-name').textContent.length > 0")
+        hostile = json.dumps(HOSTILE_MARKDOWN)
+        # as a model reply, through the page's own render path (the whole conversation redrawn, then the streaming repaint)
+        browser.evaluate(f"messages = [{{role: 'user', content: 'hi'}}, {{role: 'assistant', content: {hostile}}}]; draw(); true")
+        assert_shown_as_text(browser.evaluate(PROBE_BUBBLES), page)
+        browser.evaluate(f"updateLast({{content: {hostile}}}); true")
+        assert_shown_as_text(browser.evaluate(PROBE_BUBBLES), page)
+        # as a user message, typed and sent
+        browser.evaluate("messages = []; draw();"
+                         f"document.getElementById('input').value = {hostile}; document.getElementById('max-tokens').value = 5;"
+                         "document.getElementById('composer').requestSubmit(); true")
+        browser.wait_for("document.querySelector('.message.assistant') && !document.querySelector('.streaming')")
+        probe = browser.evaluate(PROBE_BUBBLES)
+        probe["texts"] = probe["texts"][:1]  # the user's bubble
+        assert_shown_as_text(probe, page)
+    finally:
+        browser.close()
+    wait_until_idle(server["url"])
+
+
+def test_a_server_open_to_the_network_without_bubblewrap_runs_only_calculator_code(monkeypatch):
+    from nanochat.execution import find_sandbox
+    from scripts.chat_web import allow_code_without_sandbox, sandbox_policy_line
+
+    assert allow_code_without_sandbox("127.0.0.1", False) and allow_code_without_sandbox("::1", False)
+    assert allow_code_without_sandbox("localhost", False)
+    assert not allow_code_without_sandbox("0.0.0.0", False) and allow_code_without_sandbox("0.0.0.0", True)
+    monkeypatch.setenv("NANOCHAT_SANDBOX", "weak")
+    find_sandbox.cache_clear()
+    try:
+        refused = sandbox_policy_line("0.0.0.0", False)
+        assert "calculator only" in refused and "--allow-unsandboxed-code" in refused and "install bubblewrap" in refused
+        assert "not a security boundary" in sandbox_policy_line("0.0.0.0", True)
+        assert "not a security boundary" in sandbox_policy_line("127.0.0.1", False)
+    finally:
+        monkeypatch.delenv("NANOCHAT_SANDBOX")
+        find_sandbox.cache_clear()
+
+
+def test_the_startup_log_says_what_contains_model_written_code(server):
+    assert "tool calls: calculator in-process, other code" in server["log"].read_text()
