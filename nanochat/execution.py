@@ -26,6 +26,7 @@ Around both: a wall-clock timeout that SIGKILLs the whole process group, a scrub
 stdin at end-of-file once the program is read, and stdout/stderr capped in size.
 NANOCHAT_SANDBOX=weak forces the weak sandbox (to compare the two, or on a host where bwrap misbehaves).
 """
+import contextlib
 import functools
 import os
 import secrets
@@ -187,10 +188,11 @@ def _python_runtime_mounts():
     return arguments
 
 
-def _bwrap_arguments(user_namespace):
+def _bwrap_arguments(user_namespace, disable_nested_user_namespaces=True):
     namespaces = ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if user_namespace:
-        namespaces = ["--unshare-user", "--disable-userns"] + namespaces
+        # --disable-userns (bwrap 0.8+) keeps the child from making user namespaces of its own: less kernel to attack
+        namespaces = ["--unshare-user"] + (["--disable-userns"] if disable_nested_user_namespaces else []) + namespaces
     else:
         # bwrap started by root without a user namespace drops every capability but these two, which the
         # child's prelude needs once to switch to the sandbox uid
@@ -217,11 +219,13 @@ def find_sandbox():
     if os.geteuid() == 0:
         candidates.append(Sandbox(True, "bubblewrap (namespaces, child switched to an unprivileged uid)",
                                   _bwrap_arguments(user_namespace=False), switch_user=True))
-        candidates.append(Sandbox(True, "bubblewrap (user namespace as root: the process limit is not enforced)",
-                                  _bwrap_arguments(user_namespace=True)))
+        for nested in (True, False):
+            candidates.append(Sandbox(True, "bubblewrap (user namespace as root: the process limit is not enforced)",
+                                      _bwrap_arguments(user_namespace=True, disable_nested_user_namespaces=nested)))
     else:
-        candidates.append(Sandbox(True, "bubblewrap (user, PID, network, IPC and UTS namespaces)",
-                                  _bwrap_arguments(user_namespace=True)))
+        for nested in (True, False):  # an older bwrap lacks --disable-userns
+            candidates.append(Sandbox(True, "bubblewrap (user, PID, network, IPC and UTS namespaces)",
+                                      _bwrap_arguments(user_namespace=True, disable_nested_user_namespaces=nested)))
     failures = []
     for candidate in candidates:
         result = _run(candidate, "print(6 * 7)", timeout=10.0, maximum_memory_bytes=256 * 1024 * 1024,
@@ -280,11 +284,13 @@ def _run(sandbox, code, timeout, maximum_memory_bytes, max_output_bytes):
     child = [python, "-I", "-S", "-X", "utf8", "-c", _CHILD_PRELUDE] + limits
     # The bwrap process's own environment shows in /proc/1/environ inside: give it nothing of ours.
     environment = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
-    with tempfile.TemporaryDirectory(prefix="nanochat_exec_") as workdir:
-        if sandbox.bwrap_arguments is not None:
+    # only the weak sandbox works in a directory on the host's disk; bwrap's is a tmpfs inside the sandbox
+    weak = sandbox.bwrap_arguments is None
+    with (tempfile.TemporaryDirectory(prefix="nanochat_exec_") if weak else contextlib.nullcontext()) as workdir:
+        if not weak:
             command, cwd = ["bwrap"] + sandbox.bwrap_arguments + child, "/"
         else:
-            command, cwd = child, workdir  # the weak sandbox works in a temp dir on the host's disk
+            command, cwd = child, workdir
             environment.update(HOME=workdir, TMPDIR=workdir)
         # start_new_session: the child leads its own process group, so killpg reaches what it started.
         # (No preexec_fn: it is unsafe in threaded servers; the child sets its own limits in the prelude.)
