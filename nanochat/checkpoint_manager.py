@@ -4,9 +4,17 @@ Save and load checkpoints.
 A checkpoint for step S in <checkpoints_dir>/<tag>/ (tag like d20) is three kinds of file:
     model_S.pt              the model's state_dict (rank 0 writes it)
     optim_S_rank{r}.pt      what rank r needs to resume exactly: optimizer shards, RNG, loader position
-    meta_S.json             model config, step, losses, user config (rank 0 writes it LAST)
+    optim_S_rank{r}.pt.json the size and sha256 of rank r's shard (rank r writes it, right after the shard)
+    meta_S.json             model config, step, losses, user config, and under "files" the size and
+                            sha256 of model_S.pt (rank 0 writes it LAST)
 Every file is written under a temporary name and renamed into place, so a crash mid-save never
 damages an existing file, and a step only counts as saved once its meta_S.json exists.
+
+Loading checks each file against its record before unpickling it (nanochat/artifacts.py), so a truncated
+or corrupted file is reported by name, with the steps whose files are still whole. Why the shards keep
+their records in their own small files: ranks do not talk to each other while saving, so rank 0 cannot
+know the checksum of another rank's shard when it writes the meta; each rank records what it wrote.
+Checkpoints saved before records existed have none, and still load.
 """
 import glob
 import json
@@ -15,6 +23,7 @@ import re
 
 import torch
 
+from nanochat.artifacts import DamagedArtifactError, file_record, load_checked, looks_whole, read_json, read_sidecar, sidecar_path
 from nanochat.common import get_base_dir, logger
 from nanochat.gpt import GPT, GPTConfig
 
@@ -22,9 +31,12 @@ SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "cha
 
 
 def _atomic_torch_save(obj, path):
+    """-> the record (size, sha256) of what was written, hashed before the rename so it describes exactly these bytes."""
     tmp_path = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp_path)
+    record = file_record(tmp_path)
     os.replace(tmp_path, path)
+    return record
 
 
 def _atomic_json_save(obj, path):
@@ -52,21 +64,53 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
     """Every rank calls this: each writes its own optimizer_data (if any); rank 0 also writes model and meta."""
     os.makedirs(checkpoint_dir, exist_ok=True)
     if optimizer_data is not None:
-        _atomic_torch_save(optimizer_data, _optim_path(checkpoint_dir, step, rank))
+        optim_path = _optim_path(checkpoint_dir, step, rank)
+        _atomic_json_save(_atomic_torch_save(optimizer_data, optim_path), sidecar_path(optim_path))
     if rank == 0:
-        _atomic_torch_save(model_data, _model_path(checkpoint_dir, step))
+        model_path = _model_path(checkpoint_dir, step)
+        model_record = _atomic_torch_save(model_data, model_path)
+        meta_data = dict(meta_data, files={os.path.basename(model_path): model_record})
         _atomic_json_save(meta_data, _meta_path(checkpoint_dir, step))  # last: marks the step complete
         logger.info(f"saved checkpoint step {step} to {checkpoint_dir}")
 
 
 def list_steps(checkpoint_dir):
-    """Steps whose save completed (their meta file exists), ascending."""
+    """Steps whose save completed (their meta file exists), ascending. A listed step may still turn out damaged."""
     steps = []
     for path in glob.glob(os.path.join(checkpoint_dir, "meta_*.json")):
         match = re.fullmatch(r"meta_(\d+)\.json", os.path.basename(path))
-        if match and os.path.exists(_model_path(checkpoint_dir, int(match.group(1)))):
+        if match:
             steps.append(int(match.group(1)))
     return sorted(steps)
+
+
+def list_whole_steps(checkpoint_dir):
+    """
+    Steps whose files all look whole: the meta parses, and the model and every optimizer shard exist with
+    their recorded sizes. Sizes only, no hashing: this runs on the error path over every step, and hashing
+    them all would take minutes for big models, while a wrong size is how most damage shows (a full disk,
+    an interrupted copy).
+    """
+    whole = []
+    for step in list_steps(checkpoint_dir):
+        model_path = _model_path(checkpoint_dir, step)
+        shards = glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt"))
+        try:
+            model_record = read_json(_meta_path(checkpoint_dir, step)).get("files", {}).get(os.path.basename(model_path))
+            if looks_whole(model_path, model_record) and all(looks_whole(shard, read_sidecar(shard)) for shard in shards):
+                whole.append(step)
+        except DamagedArtifactError:  # a meta or a shard's record that does not parse
+            continue
+    return whole
+
+
+def _damage_remedy(checkpoint_dir, step):
+    """What to do about a damaged step: the other steps whose files are whole, or rerunning the stage."""
+    others = [s for s in list_whole_steps(checkpoint_dir) if s != step]
+    if not others:
+        return f"no other step in {checkpoint_dir} is whole: rerun the stage that wrote it"
+    return (f"rerun the stage that wrote it, or pick another step (--step, or --resume-from-step when resuming); "
+            f"steps in {checkpoint_dir} whose files are whole: {others}")
 
 
 def find_last_step(checkpoint_dir):
@@ -93,21 +137,33 @@ def find_largest_model(checkpoints_dir):
     return max(tags, key=lambda tag: os.path.getmtime(os.path.join(checkpoints_dir, tag)))
 
 
-def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
-    """-> (model_data, optimizer_data or None, meta_data); a clear error if the step was never saved."""
+def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0, required_meta_keys=()):
+    """
+    -> (model_data, optimizer_data or None, meta_data). Every file is checked against its record first;
+    a step never saved raises FileNotFoundError, a damaged one DamagedArtifactError saying what to do.
+    """
     steps = list_steps(checkpoint_dir)
     if step not in steps:
         raise FileNotFoundError(f"no complete checkpoint for step {step} in {checkpoint_dir}; available steps: {steps or 'none'}")
-    model_data = torch.load(_model_path(checkpoint_dir, step), map_location=device)
-    optimizer_data = None
-    if load_optimizer:
-        optim_path = _optim_path(checkpoint_dir, step, rank)
-        if not os.path.exists(optim_path):
-            raise FileNotFoundError(f"{optim_path} is missing: step {step} was saved with a different number of ranks "
-                                    f"or without optimizer state; resume with the same world size or from another step")
-        optimizer_data = torch.load(optim_path, map_location=device, weights_only=False)
-    with open(_meta_path(checkpoint_dir, step), encoding="utf-8") as f:
-        meta_data = json.load(f)
+    optim_path = _optim_path(checkpoint_dir, step, rank)
+    if load_optimizer and not os.path.exists(optim_path):
+        resumable = [s for s in list_whole_steps(checkpoint_dir) if os.path.exists(_optim_path(checkpoint_dir, s, rank))]
+        raise FileNotFoundError(f"{optim_path} is missing: step {step} was saved with a different number of ranks "
+                                f"or without optimizer state; resume with the same world size or from another step "
+                                f"(steps whose files are whole, with a shard for rank {rank}: {resumable or 'none'})")
+    try:
+        # the meta first: it holds the model's record
+        meta_data = read_json(_meta_path(checkpoint_dir, step), required_keys=required_meta_keys)
+        records = meta_data.pop("files", {})  # bookkeeping of this module, not part of what the stage saved
+        model_path = _model_path(checkpoint_dir, step)
+        model_data = load_checked(model_path, records.get(os.path.basename(model_path)),
+                                  lambda path: torch.load(path, map_location=device))
+        optimizer_data = None
+        if load_optimizer:
+            optimizer_data = load_checked(optim_path, read_sidecar(optim_path),
+                                          lambda path: torch.load(path, map_location=device, weights_only=False))
+    except DamagedArtifactError as e:
+        raise DamagedArtifactError(f"{e}; {_damage_remedy(checkpoint_dir, step)}") from None
     return model_data, optimizer_data, meta_data
 
 
@@ -115,7 +171,9 @@ def build_model(checkpoint_dir, step, device, phase):
     """Rebuild the GPT of a checkpoint on device. phase "train" or "eval". -> (model, tokenizer, meta)."""
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval' (got {phase!r})")
-    model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    from nanochat.tokenizer import get_tokenizer
+    tokenizer = get_tokenizer()  # first: a missing or damaged tokenizer is reported before seconds of building the model
+    model_data, _, meta = load_checkpoint(checkpoint_dir, step, device, required_meta_keys=("model_config",))
     # checkpoints written from a torch.compile'd model carry this prefix
     model_data = {k.removeprefix("_orig_mod."): v.float() if v.is_floating_point() else v for k, v in model_data.items()}
     config = GPTConfig(**meta["model_config"])
@@ -125,8 +183,6 @@ def build_model(checkpoint_dir, step, device, phase):
     model.init_weights()  # rotary tables are not stored; the weights are overwritten next
     model.load_state_dict(model_data, strict=True, assign=True)
     model.train(phase == "train")
-    from nanochat.tokenizer import get_tokenizer
-    tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the checkpoint in {checkpoint_dir} "
                          f"was trained with {config.vocab_size}; retrain one of them so they match")

@@ -3,7 +3,10 @@ The tokenizer: trained by our Rust BPE trainer (rustbpe), run by tiktoken (fast,
 
 Vocabulary layout: 256 byte tokens, then the merges, then the special tokens below. The chat format
 (DESIGN.md) is rendered here, together with the loss mask that says which tokens the assistant must learn.
+Both saved files carry their size and sha256 next to them (<file>.json), so a damaged one is named, with
+the fix: rerun tok_train (nanochat/artifacts.py).
 """
+import json
 import os
 import pickle
 
@@ -11,6 +14,7 @@ import rustbpe
 import tiktoken
 import torch
 
+from nanochat.artifacts import DamagedArtifactError, file_record, load_checked, read_sidecar, sidecar_path
 from nanochat.common import get_base_dir
 
 SPECIAL_TOKENS = [
@@ -63,9 +67,13 @@ class RustBPETokenizer:
         path = os.path.join(tokenizer_dir, "tokenizer.pkl")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no tokenizer at {path}: train one first with `python -m scripts.tok_train`")
-        with open(path, "rb") as f:
-            saved = pickle.load(f)
-        return cls(cls._build_encoding(saved["pattern"], saved["mergeable_ranks"]))
+
+        def read_encoding(path):
+            with open(path, "rb") as f:
+                saved = pickle.load(f)
+            return cls._build_encoding(saved["pattern"], saved["mergeable_ranks"])
+
+        return cls(_load_tokenizer_file(path, read_encoding))
 
     @classmethod
     def from_pretrained(cls, tiktoken_name):
@@ -74,12 +82,12 @@ class RustBPETokenizer:
         return cls(encoding, bos_token="<|endoftext|>")
 
     def save(self, tokenizer_dir):
-        """Write tokenizer.pkl and token_bytes.pt atomically."""
+        """Write tokenizer.pkl and token_bytes.pt atomically, each with its record (size, sha256) next to it."""
         os.makedirs(tokenizer_dir, exist_ok=True)
         saved = {"pattern": self.enc._pat_str, "mergeable_ranks": self.enc._mergeable_ranks}
-        _atomic_write(os.path.join(tokenizer_dir, "tokenizer.pkl"), lambda f: pickle.dump(saved, f))
+        _atomic_write_with_record(os.path.join(tokenizer_dir, "tokenizer.pkl"), lambda f: pickle.dump(saved, f))
         token_bytes = self.compute_token_bytes()
-        _atomic_write(os.path.join(tokenizer_dir, "token_bytes.pt"), lambda f: torch.save(token_bytes, f))
+        _atomic_write_with_record(os.path.join(tokenizer_dir, "token_bytes.pt"), lambda f: torch.save(token_bytes, f))
 
     def compute_token_bytes(self):
         """Byte length of every token id (0 for special tokens), from the raw bytes, never a str round trip."""
@@ -236,6 +244,28 @@ def _atomic_write(path, write):
     os.replace(tmp_path, path)
 
 
+def _atomic_write_with_record(path, write):
+    _atomic_write(path, write)
+    record = json.dumps(file_record(path)).encode("utf-8")
+    _atomic_write(sidecar_path(path), lambda f: f.write(record))
+
+
+def _load_tokenizer_file(path, load):
+    """load(path) once the file matches its record; any damage is reported with the fix."""
+    try:
+        return load_checked(path, read_sidecar(path), load)
+    except DamagedArtifactError as e:
+        raise DamagedArtifactError(f"{e}; retrain the tokenizer with `python -m scripts.tok_train` "
+                                   f"(with the same flags as before, so the models trained with it still match)") from None
+
+
+def _read_token_bytes(path, device):
+    token_bytes = torch.load(path, map_location=device)
+    if not isinstance(token_bytes, torch.Tensor) or token_bytes.ndim != 1:
+        raise ValueError(f"expected a 1-D tensor of byte lengths, found {type(token_bytes).__name__}")
+    return token_bytes
+
+
 def get_tokenizer_dir():
     return os.path.join(get_base_dir(), "tokenizer")
 
@@ -248,4 +278,4 @@ def get_token_bytes(device="cpu"):
     path = os.path.join(get_tokenizer_dir(), "token_bytes.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no {path}: train the tokenizer first with `python -m scripts.tok_train`")
-    return torch.load(path, map_location=device)
+    return _load_tokenizer_file(path, lambda path: _read_token_bytes(path, device))

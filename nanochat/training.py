@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nanochat.artifacts import DamagedArtifactError
 from nanochat.checkpoint_manager import find_last_step, load_checkpoint, save_checkpoint
 from nanochat.common import COMPUTE_DTYPES, autocast_context, compute_init, get_compute_dtype, get_wandb, print0
 
@@ -377,7 +378,9 @@ def resume_if_asked(parser, args, checkpoint_dir, model, optimizers, compute, hi
         return 0, None, {}
     try:
         return resume_training_state(checkpoint_dir, args.resume_from_step, model, optimizers, compute)
-    except (FileNotFoundError, ValueError) as e:
+    except (DamagedArtifactError, FileNotFoundError) as e:  # complete as they are: the hint is for a mismatched model
+        parser.error(f"cannot resume: {e}")
+    except ValueError as e:
         parser.error(f"cannot resume: {e}{hint}")
 
 
@@ -387,7 +390,8 @@ def resume_training_state(checkpoint_dir, resume_from_step, model, optimizers, c
     Returns (step, loader_state, meta). Raises ValueError/FileNotFoundError saying what to change.
     """
     step = find_last_step(checkpoint_dir) if resume_from_step == -1 else resume_from_step
-    model_data, optimizer_data, meta = load_checkpoint(checkpoint_dir, step, compute.device, load_optimizer=True, rank=compute.rank)
+    model_data, optimizer_data, meta = load_checkpoint(checkpoint_dir, step, compute.device, load_optimizer=True, rank=compute.rank,
+                                                       required_meta_keys=("model_config",))
     if meta["model_config"] != dataclasses.asdict(model.config):
         raise ValueError(f"the checkpoint's model {meta['model_config']} differs from this one {dataclasses.asdict(model.config)}; "
                          f"resume with the same model flags and tokenizer")

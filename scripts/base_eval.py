@@ -43,7 +43,10 @@ if rank == 0:
 if is_distributed:
     dist.barrier()
 
-model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
+try:
+    model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
+except (FileNotFoundError, ValueError) as e:  # nothing trained, a damaged file, a tokenizer that does not match
+    parser.error(str(e))
 model_tag = args.model_tag or meta.get("model_tag") or f"d{model.config.n_layer}"
 step = meta.get("step", args.step)
 print0(f"Evaluating base model {model_tag} step {step} on CORE ({world_size} rank(s), max {args.max_per_task} per task)")

@@ -41,10 +41,10 @@ is_distributed, rank, local_rank, world_size, device = compute_init(args.device_
 autocast_ctx = autocast_context(device, get_compute_dtype(device, args.dtype))  # the same compute dtype as training
 try:
     model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
-except FileNotFoundError as e:
+    token_bytes = get_token_bytes(device=device)
+except (FileNotFoundError, ValueError) as e:  # nothing trained, a damaged file, a tokenizer that does not match
     parser.error(str(e))
 seq_len = model.config.sequence_len
-token_bytes = get_token_bytes(device=device)
 steps = args.split_tokens // (args.device_batch_size * seq_len * world_size)
 if steps < 1:
     parser.error(f"--split-tokens {args.split_tokens} is less than one batch over all ranks "

@@ -57,8 +57,11 @@ user_config = dict(vars(args))
 # compute, tokenizer, model
 
 compute = init_compute(args)
-tokenizer = get_tokenizer()
-token_bytes = get_token_bytes(device=compute.device)
+try:
+    tokenizer = get_tokenizer()
+    token_bytes = get_token_bytes(device=compute.device)
+except (FileNotFoundError, ValueError) as e:  # not trained yet, or a damaged file: the message says what to run
+    parser.error(str(e))
 vocab_size = tokenizer.get_vocab_size()
 
 try:

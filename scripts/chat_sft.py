@@ -78,7 +78,10 @@ user_config = dict(vars(args))
 compute = init_compute(args)
 model, tokenizer, source_meta, max_seq_len = load_source_model(parser, args.source, args, compute)
 model_tag = source_meta["model_tag"]
-token_bytes = get_token_bytes(device=compute.device)
+try:
+    token_bytes = get_token_bytes(device=compute.device)
+except (FileNotFoundError, ValueError) as e:  # a damaged tokenizer file: the message says to rerun tok_train
+    parser.error(str(e))
 flops_per_token = model.estimate_flops()
 
 try:

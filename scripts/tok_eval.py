@@ -70,7 +70,11 @@ texts = dict(SAMPLES)
 texts["train data"] = data_sample("train", args.data_chars)
 texts["val data"] = data_sample("val", args.data_chars)
 
-tokenizers = {"ours": get_tokenizer().enc, "gpt2": load_reference("gpt2"), "gpt4": load_reference("cl100k_base")}
+try:
+    ours = get_tokenizer().enc
+except (FileNotFoundError, ValueError) as e:  # not trained yet, or a damaged file: the message says what to run
+    parser.error(str(e))
+tokenizers = {"ours": ours, "gpt2": load_reference("gpt2"), "gpt4": load_reference("cl100k_base")}
 rows = []
 header = f"{'text':<12} {'bytes':>9} " + " ".join(f"{name + ' B/tok':>14}" for name in tokenizers)
 print0(header)
