@@ -4,7 +4,8 @@
 #   bash speedrun.sh                      # 8xH100: ~4 hours, ~$100 (GPU profile, depth 20)
 #   WANDB_RUN=speedrun bash speedrun.sh   # same, logging to Weights & Biases
 #
-# tokenizer -> base model (pretraining) -> midtraining -> SFT, with evaluations after each, -> report.md.
+# tokenizer -> base model (pretraining) -> midtraining -> SFT -> RL, with evaluations after each, -> report.md.
+# SKIP_RL=1 stops after SFT.
 # On a machine without a GPU it runs the CPU profile instead: a tiny model trained on the embedded
 # sample corpus and the offline stand-ins for the chat data (NANOCHAT_DATA=sample), ~25 minutes on 2
 # cores, so the whole pipeline can be tried on a laptop.
@@ -85,6 +86,19 @@ else
     python -m scripts.chat_eval -i sft --max-problems 64 --max-new-tokens 256
 fi
 
+# ---------------------------------------------------------------- RL on GSM8K (SKIP_RL=1 skips it)
+if [ "${SKIP_RL:-0}" != 1 ]; then
+    if [ "$PROFILE" = gpu ]; then
+        torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.chat_rl -- --run "$WANDB_RUN"
+        torchrun --standalone --nproc_per_node="$NUM_GPUS" -m scripts.chat_eval -- -i rl -a GSM8K
+    else
+        # on the held-out synthetic arithmetic problems: pass@1 before and after lands in the report
+        python -m scripts.chat_rl --num-iterations 16 --examples-per-step 4 --num-samples 8 --max-new-tokens 128 \
+            --eval-every 8 --eval-examples 48 --eval-samples 2 --run "$WANDB_RUN"
+        python -m scripts.chat_eval -i rl -a Arithmetic --max-problems 64 --max-new-tokens 256
+    fi
+fi
+
 # ---------------------------------------------------------------- report card
 python -m nanochat.report generate
 
@@ -93,6 +107,6 @@ cat <<'MSG'
 Done. The report card is in ./report.md.
 Talk to your model:
   source .venv/bin/activate
-  python -m scripts.chat_cli                          # in the terminal (the SFT model; -i base|mid for the others)
+  python -m scripts.chat_cli                          # in the terminal (the most advanced model; -i base|mid|sft|rl)
   python -m scripts.chat_web                          # ChatGPT-like page on http://localhost:8000
 MSG

@@ -267,8 +267,11 @@ class Engine:
             with autocast:
                 logits = self.model.forward(next_ids, kv_cache=decode_cache)[:, -1, :]
 
-    def generate_batch(self, tokens, num_samples=1, **kwargs):
-        """Run generate to the end. Returns (results, masks): per row, the prompt plus its tokens up to (not incl.) the end token."""
+    def generate_batch(self, tokens, num_samples=1, keep_end_token=False, **kwargs):
+        """
+        Run generate to the end. Returns (results, masks): per row, the prompt plus its tokens up to the end token,
+        which is left out unless keep_end_token (RL trains on it: ending the turn is one of the policy's actions).
+        """
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         completed = [False] * num_samples
@@ -278,6 +281,9 @@ class Engine:
                     continue
                 if token == self.assistant_end or token == self.bos:
                     completed[i] = True
+                    if keep_end_token:
+                        results[i].append(token)
+                        masks[i].append(mask)
                 else:
                     results[i].append(token)
                     masks[i].append(mask)

@@ -53,20 +53,31 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, 
     return num_passed, total
 
 
-def run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, temperature, top_k, max_problems=None, log=print0):
-    """(num_passed, total) over this rank's share (problems strided across ranks); passed = any sample right (pass@k)."""
+def score_samples(task, tokenizer, engine, index, num_samples, max_new_tokens, temperature, top_k):
+    """0/1 for each of num_samples replies to problem `index` (seeded by the index: the same on any rank)."""
+    conversation = task[index]
+    prompt = tokenizer.render_for_completion(conversation)
+    results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                       temperature=temperature, top_k=top_k, seed=index)
+    return [int(task.evaluate(conversation, tokenizer.decode(result[len(prompt):]))) for result in results]
+
+
+def run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, temperature, top_k, max_problems=None, log=print0,
+                        correct_samples=None):
+    """
+    (num_passed, total) over this rank's share (problems strided across ranks); passed = any sample right (pass@k).
+    correct_samples, a list, receives the number of right samples of each problem (RL's pass@1 estimate).
+    """
     _, rank, _, world_size = get_dist_info()
     num_problems = len(task) if max_problems is None else min(len(task), max_problems)
     num_passed, total = 0, 0
     started = time.time()
     for i in range(rank, num_problems, world_size):
-        conversation = task[i]
-        prompt = tokenizer.render_for_completion(conversation)
-        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                           temperature=temperature, top_k=top_k, seed=i)
-        replies = [tokenizer.decode(result[len(prompt):]) for result in results]
-        num_passed += int(any(task.evaluate(conversation, reply) for reply in replies))
+        scores = score_samples(task, tokenizer, engine, i, num_samples, max_new_tokens, temperature, top_k)
+        num_passed += int(any(scores))
         total += 1
+        if correct_samples is not None:
+            correct_samples.append(sum(scores))
         if total % 10 == 0 or i + world_size >= num_problems:
             done = min(num_problems, i + 1)
             eta = (time.time() - started) / done * (num_problems - done)

@@ -234,6 +234,7 @@ def maybe_compile(model, compute, setting="auto", dynamic=False):
 def train_step(model, optimizers, batches, grad_accum_steps, autocast_ctx, lr_multiplier, muon_momentum=None):
     """
     One optimizer step: grad_accum_steps micro-batches of (inputs, targets) from `batches`, then every optimizer.
+    A micro-batch may carry a third tensor of per-target weights (RL's advantages): its loss is then sum(weight * nll).
     The loss is the mean over ALL target tokens of the step (targets of -1 are ignored), across
     micro-batches and ranks: each micro-batch backpropagates its loss *sum*, and the gradients are scaled
     by world_size / (target tokens of the whole step) at the end (the optimizers average over ranks).
@@ -248,9 +249,12 @@ def train_step(model, optimizers, batches, grad_accum_steps, autocast_ctx, lr_mu
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     positions = 0
     for _ in range(grad_accum_steps):
-        inputs, targets = next(batches)
+        inputs, targets, *token_weights = next(batches)
         with autocast_ctx:
-            loss = model(inputs, targets, loss_reduction="sum")
+            if token_weights:  # RL: each target's loss is weighted by its advantage (nanochat/rl.py)
+                loss = (model(inputs, targets, loss_reduction="none").float() * token_weights[0]).sum()
+            else:
+                loss = model(inputs, targets, loss_reduction="sum")
         loss.backward()
         loss_sum += loss.detach().float()
         num_tokens += (targets >= 0).sum()
@@ -346,9 +350,13 @@ class StepLogger:
 
 
 def save_training_state(checkpoint_dir, step, model, optimizers, loader, meta, compute):
-    """Everything an exact resume needs: weights, every rank's optimizer shard, the loader's position, the RNG."""
+    """
+    Everything an exact resume needs: weights, every rank's optimizer shard, the loader's position, the RNG.
+    loader is None for a stage whose data position follows from the step alone (RL).
+    """
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(compute.device) if compute.device.type == "cuda" else None}
-    optimizer_data = {"optimizers": [opt.state_dict() for opt in optimizers], "train_loader": loader.state_dict(), "rng": rng}
+    optimizer_data = {"optimizers": [opt.state_dict() for opt in optimizers],
+                      "train_loader": loader.state_dict() if loader is not None else None, "rng": rng}
     save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer_data, meta, rank=compute.rank)
     compute.barrier()  # nobody trains on while another rank's shard is still being written
 

@@ -106,8 +106,10 @@ def test_generative_pass_at_k_through_the_engine(tiny_tokenizer):
     engine = Engine(model, tiny_tokenizer)
     quiet = lambda *args, **kwargs: None
     everything = EchoTask(lambda reply: True)
-    assert run_generative_eval(everything, tiny_tokenizer, engine, 3, 6, 1.0, 50, log=quiet) == (2, 2)
-    assert len(everything.replies) == 2 and all(isinstance(r, str) for r in everything.replies)  # first sample already passes
+    correct = []
+    assert run_generative_eval(everything, tiny_tokenizer, engine, 3, 6, 1.0, 50, log=quiet, correct_samples=correct) == (2, 2)
+    assert len(everything.replies) == 6 and all(isinstance(r, str) for r in everything.replies)  # every sample is scored
+    assert correct == [3, 3]
     nothing = EchoTask(lambda reply: False)
     assert run_generative_eval(nothing, tiny_tokenizer, engine, 3, 6, 1.0, 50, max_problems=1, log=quiet) == (0, 1)
     assert len(nothing.replies) == 3  # all k=3 samples of the one problem were tried
