@@ -7,7 +7,7 @@
 # tokenizer -> base model (pretraining) -> midtraining -> SFT -> RL, with evaluations after each, -> report.md.
 # SKIP_RL=1 stops after SFT.
 # On a machine without a GPU it runs the CPU profile instead: a tiny model trained on the embedded
-# sample corpus and the offline stand-ins for the chat data (NANOCHAT_DATA=sample), ~25 minutes on 2
+# sample corpus and the offline stand-ins for the chat data (NANOCHAT_DATA=sample), ~28 minutes on 2
 # cores, so the whole pipeline can be tried on a laptop.
 set -euo pipefail
 cd "$(dirname "$0")"
