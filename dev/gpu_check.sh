@@ -5,7 +5,7 @@
 #     eager), all through nanochat.training.train_step, bf16 + torch.compile, synthetic tokens.
 #     Target: >= 45% MFU at depth 20 on an H100.
 #  2. the pipeline: the real scripts end to end on CUDA at toy size, offline on the embedded sample and
-#     the stand-ins (tok_train -> base_train -> mid_train -> chat_sft -> chat_eval -> chat_cli).
+#     the stand-ins (tok_train -> base_train -> mid_train -> chat_sft -> chat_eval -> chat_rl -> chat_cli).
 #     bash dev/gpu_check.sh                          # uses $PYTHON or python
 #     STEPS=30 DEPTHS="20" PIPELINE=0 bash dev/gpu_check.sh
 set -uo pipefail
@@ -93,4 +93,8 @@ run scripts.base_train --depth 4 --max-seq-len 512 --device-batch-size 16 --tota
 run scripts.mid_train --device-batch-size 16 --total-batch-size 16384 --num-iterations 30 --eval-every 15 --eval-tokens 65536 --stand-in-size 2000
 run scripts.chat_sft --device-batch-size 8 --examples-per-step 32 --num-iterations 30 --eval-every 15 --eval-steps 10 --stand-in-size 1000
 TAIL=8 run scripts.chat_eval -i sft --max-problems 64 --max-new-tokens 96
+# RL: rollouts through the engine on CUDA (tools on), then pass@1 before/after; the log shows rollout tok/s
+TAIL=8 run scripts.chat_rl --num-iterations 10 --examples-per-step 8 --num-samples 8 --max-new-tokens 96 \
+    --eval-every 10 --eval-examples 32 --eval-samples 2
+TAIL=4 run scripts.chat_eval -i rl -a Arithmetic --max-problems 32 --max-new-tokens 96
 TAIL=4 run scripts.chat_cli -p "What is 12 times 4?" -t 0 --max-tokens 64
