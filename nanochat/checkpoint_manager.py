@@ -23,7 +23,7 @@ import re
 
 import torch
 
-from nanochat.artifacts import DamagedArtifactError, file_record, load_checked, looks_whole, read_json, read_sidecar, sidecar_path
+from nanochat.artifacts import DamagedArtifactError, atomic_write, file_record, load_checked, looks_whole, read_json, read_sidecar, sidecar_path
 from nanochat.common import get_base_dir, logger
 from nanochat.gpt import GPT, GPTConfig
 
@@ -31,21 +31,17 @@ SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "cha
 
 
 def _atomic_torch_save(obj, path):
-    """-> the record (size, sha256) of what was written, hashed before the rename so it describes exactly these bytes."""
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp_path)
-    record = file_record(tmp_path)
-    os.replace(tmp_path, path)
+    """-> the record (size, sha256) of what was written, hashed from the temporary file so it describes exactly these bytes."""
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+        f.flush()
+        record = file_record(f.name)
     return record
 
 
 def _atomic_json_save(obj, path):
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    with open(tmp_path, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
 
 
 def _model_path(checkpoint_dir, step):

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from nanochat.artifacts import atomic_write
 from nanochat.common import get_base_dir, logger
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -49,14 +50,10 @@ def download_eval_bundle(url=EVAL_BUNDLE_URL, base_dir=None, retries=DOWNLOAD_RE
         for attempt in range(1, retries + 1):
             try:
                 logger.info(f"downloading {url} (attempt {attempt}/{retries})")
-                tmp_path = zip_path + f".tmp{os.getpid()}"
-                with urllib.request.urlopen(url, timeout=60) as response, open(tmp_path, "wb") as f:
+                with urllib.request.urlopen(url, timeout=60) as response, atomic_write(zip_path) as f:
                     shutil.copyfileobj(response, f, length=1 << 20)
-                os.replace(tmp_path, zip_path)
                 break
             except OSError as error:  # URLError, timeouts and connection resets are all OSErrors
-                if os.path.exists(tmp_path):
-                    os.remove(tmp_path)
                 if attempt == retries:
                     raise RuntimeError(
                         f"could not download the CORE eval bundle from {url} after {retries} attempts: {error}\n"

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from nanochat.artifacts import atomic_write
 from nanochat.common import get_base_dir
 
 # Where the shards live; a mirror can be used by setting NANOCHAT_DATA_URL (the tests point it at 127.0.0.1).
@@ -135,9 +136,9 @@ class PermanentDownloadError(Exception):
     """A failure that retrying will not fix (e.g. 404)."""
 
 
-def fetch_once(url, tmp_path, timeout):
-    """Stream url into tmp_path; raise on any incomplete or failed transfer."""
-    with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp_path, "wb") as f:
+def fetch_once(url, f, timeout):
+    """Stream url into the open file f; raise on any incomplete or failed transfer."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
         expected = response.headers.get("Content-Length")
         received = 0
         while True:
@@ -163,14 +164,14 @@ def download_shard(index, data_dir, base_url, max_attempts=5, retry_delay=2.0, t
             return "skipped"
         tqdm.write(f"{name} exists but is corrupt or truncated: fetching it again")
     url = f"{base_url}/{name}"
-    tmp_path = f"{path}.tmp{os.getpid()}"
     last_error = None
     for attempt in range(1, max_attempts + 1):
         try:
-            fetch_once(url, tmp_path, timeout)
-            if not is_valid_shard(tmp_path):
-                raise ValueError("the downloaded file is not a readable parquet shard")
-            os.replace(tmp_path, path)
+            with atomic_write(path) as f:  # any failure below removes the partial file; path appears only when valid
+                fetch_once(url, f, timeout)
+                f.flush()
+                if not is_valid_shard(f.name):
+                    raise ValueError("the downloaded file is not a readable parquet shard")
             return "downloaded"
         except urllib.error.HTTPError as e:
             last_error = f"HTTP {e.code} {e.reason}"
@@ -181,9 +182,6 @@ def download_shard(index, data_dir, base_url, max_attempts=5, retry_delay=2.0, t
             last_error = f"cannot reach the host ({e.reason})"
         except (OSError, ValueError, ConnectionError) as e:  # timeouts, resets, truncated bodies
             last_error = f"{type(e).__name__}: {e}"
-        finally:
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
         if attempt < max_attempts:
             delay = retry_delay * 2 ** (attempt - 1)
             tqdm.write(f"{name}: attempt {attempt}/{max_attempts} failed ({last_error}); retrying in {delay:.1f}s")
@@ -196,7 +194,7 @@ def download_shards(indices, data_dir=None, base_url=None, num_workers=4, max_at
     data_dir = data_dir or DATA_DIR
     base_url = (base_url or BASE_URL).rstrip("/")
     os.makedirs(data_dir, exist_ok=True)
-    stale = [f for f in os.listdir(data_dir) if f.startswith("shard_") and ".parquet.tmp" in f]
+    stale = [f for f in os.listdir(data_dir) if f.startswith("shard_") and f.endswith(".tmp")]  # atomic_write's temporaries
     if stale:  # partial downloads of a run that was killed; they are never read, only in the way
         print(f"removing {len(stale)} partial download(s) left by an interrupted run")
         for f in stale:

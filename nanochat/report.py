@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 
+from nanochat.artifacts import atomic_write
 from nanochat.common import get_base_dir, get_dist_info
 
 # pipeline order of the sections; a section not listed here goes at the end, in the order written
@@ -98,10 +99,8 @@ class Report:
             elif item:
                 lines.append(str(item))
         path = self._section_path(section)
-        tmp_path = path + ".tmp"
-        with open(tmp_path, "w", encoding="utf-8") as f:
+        with atomic_write(path, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n\n")
-        os.replace(tmp_path, path)
         return path
 
     def reset(self):
@@ -172,9 +171,8 @@ class Report:
         parts.extend(self._read(name) for name in self._sections())
         content = "".join(parts)
         out_path = os.path.join(self.base_dir, "report.md")
-        with open(out_path + ".tmp", "w", encoding="utf-8") as f:
+        with atomic_write(out_path, "w", encoding="utf-8") as f:
             f.write(content)
-        os.replace(out_path + ".tmp", out_path)
         if copy_to_cwd and os.path.abspath(os.getcwd()) != os.path.abspath(self.base_dir):
             shutil.copyfile(out_path, "report.md")
         return out_path

@@ -14,7 +14,7 @@ import rustbpe
 import tiktoken
 import torch
 
-from nanochat.artifacts import DamagedArtifactError, file_record, load_checked, read_sidecar, sidecar_path
+from nanochat.artifacts import DamagedArtifactError, atomic_write, file_record, load_checked, read_sidecar, sidecar_path
 from nanochat.common import get_base_dir
 
 SPECIAL_TOKENS = [
@@ -235,19 +235,13 @@ def normalize_conversation(conversation, allow_ending_with_user=True):
     return messages
 
 
-def _atomic_write(path, write):
-    tmp_path = f"{path}.tmp.{os.getpid()}"
-    with open(tmp_path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-
-
 def _atomic_write_with_record(path, write):
-    _atomic_write(path, write)
-    record = json.dumps(file_record(path)).encode("utf-8")
-    _atomic_write(sidecar_path(path), lambda f: f.write(record))
+    """Write path all or nothing, then its record (size, sha256) beside it, which loading checks first."""
+    with atomic_write(path) as f:
+        write(f)
+    with atomic_write(sidecar_path(path), "w", encoding="utf-8") as f:
+        json.dump(file_record(path), f)
+
 
 
 def _load_tokenizer_file(path, load):

@@ -14,6 +14,7 @@ import time
 
 import torch.distributed as dist
 
+from nanochat.artifacts import atomic_write
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import (COMPUTE_DTYPES, autocast_context, compute_cleanup, compute_init, get_base_dir,
                              get_compute_dtype, print0)
@@ -61,12 +62,11 @@ if rank == 0:
     out_dir = os.path.join(get_base_dir(), "base_eval")
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, f"{model_tag}_{step}.csv")
-    with open(csv_path + ".tmp", "w", encoding="utf-8") as f:
+    with atomic_write(csv_path, "w", encoding="utf-8") as f:
         f.write("Task,Accuracy,Centered\n")
         for label, accuracy in out["results"].items():
             f.write(f"{label},{accuracy:.6f},{out['centered_results'][label]:.6f}\n")
         f.write(f"CORE,,{out['core_metric']:.6f}\n")
-    os.replace(csv_path + ".tmp", csv_path)
     print0(f"Wrote {csv_path}")
 get_report().log(section="Base model evaluation", data=[
     {"Model": f"{model_tag} step {step}", "Max per task": args.max_per_task, "CORE": out["core_metric"]},

@@ -260,3 +260,31 @@ def test_entry_points_report_damage_in_one_message(entry_point_runs, module, arg
     if module == "scripts.base_train":
         assert "cannot resume" in stderr
         assert "--depth" not in stderr.splitlines()[-1], "the hint about model flags is for a mismatched model"
+
+
+# ---------------------------------------------------------------------------- atomic_write
+
+def test_atomic_write_is_all_or_nothing_even_when_the_process_dies(tmp_path):
+    from nanochat.artifacts import atomic_write
+
+    target = tmp_path / "artifact.bin"
+    target.write_bytes(b"old and complete")
+    # a crash mid-write (os._exit: no cleanup, no exception handling) leaves the old file untouched
+    crash = (f"import os\nfrom nanochat.artifacts import atomic_write\n"
+             f"with atomic_write({str(target)!r}) as f:\n    f.write(b'half of the new')\n    f.flush()\n    os._exit(1)\n")
+    result = subprocess.run([sys.executable, "-c", crash], cwd=REPO_ROOT, capture_output=True, timeout=60)
+    assert result.returncode == 1
+    assert target.read_bytes() == b"old and complete"
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "artifact.bin"]
+    assert len(leftovers) == 1 and leftovers[0].startswith("artifact.bin.") and leftovers[0].endswith(".tmp")
+    # an exception inside the block removes the temporary file and leaves the old one
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as f:
+            f.write(b"partial")
+            raise RuntimeError("disk full, say")
+    assert target.read_bytes() == b"old and complete" and len(list(tmp_path.iterdir())) == 2
+    # a completed block replaces it whole; text mode works too
+    with atomic_write(tmp_path / "new" / "notes.md", "w", encoding="utf-8") as f:
+        f.write("héllo")
+    assert (tmp_path / "new" / "notes.md").read_text(encoding="utf-8") == "héllo"
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["notes.md"]
