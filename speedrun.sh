@@ -31,6 +31,12 @@ if ! command -v bwrap >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [
 fi
 uv sync --python python3 --inexact  # --inexact: keep extras such as the test tools
 source .venv/bin/activate
+# a wandb run needs a login: find out now, not after the tokenizer and the base model's setup
+if [ "$WANDB_RUN" != dummy ] && [ "${WANDB_MODE:-online}" = online ]; then
+    python -c "import sys; from nanochat.common import wandb_logged_in; sys.exit(0 if wandb_logged_in() else 1)" || {
+        echo "WANDB_RUN=$WANDB_RUN but wandb has no API key here: run 'wandb login' (or set WANDB_API_KEY),"
+        echo "or set WANDB_MODE=offline (runs are kept in \$NANOCHAT_BASE_DIR/wandb), or unset WANDB_RUN."; exit 1; }
+fi
 
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     PROFILE=gpu

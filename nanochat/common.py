@@ -134,9 +134,35 @@ class DummyWandb:
         pass
 
 
+def wandb_logged_in():
+    """Whether wandb has an API key: $WANDB_API_KEY, or the netrc entry `wandb login` writes for its host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
 def get_wandb(run_name, project="nanochat", config=None, master_process=True):
+    """
+    A wandb run named run_name, or DummyWandb for "dummy" (and on every rank but 0). The login is checked
+    here, at the start of a stage: without it wandb.init would prompt or fail only after the model is built.
+    Run files go under $NANOCHAT_BASE_DIR/wandb, not into whatever directory the script was started from.
+    """
     if run_name == "dummy" or not master_process:
         return DummyWandb()
+    directory = os.path.join(get_base_dir(), "wandb")
+    mode = os.environ.get("WANDB_MODE", "online")
+    if mode not in ("offline", "dryrun", "disabled") and not wandb_logged_in():
+        raise SystemExit(f"--run {run_name} logs to Weights & Biases, but wandb has no API key on this machine. "
+                         f"Run `wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to keep the run in "
+                         f"{directory} and `wandb sync` it later, or leave --run at dummy (WANDB_RUN unset for speedrun.sh).")
     import wandb
 
-    return wandb.init(project=project, name=run_name, config=config)
+    os.makedirs(directory, exist_ok=True)
+    return wandb.init(project=project, name=run_name, config=config, dir=directory)
