@@ -62,6 +62,22 @@ def atomic_write(path, mode="wb", encoding=None):
         pass  # some filesystems and platforms cannot fsync a directory; the rename is still atomic
 
 
+def write_recorded(path, write, record_beside=False):
+    """
+    write(f) into path all or nothing; -> its record (size, sha256), hashed from the temporary file so it
+    describes exactly the bytes that land. record_beside also saves the record next to it (<path>.json), for
+    a file that has no meta of its own to hold it (an optimizer shard, the tokenizer files).
+    """
+    with atomic_write(path) as f:
+        write(f)
+        f.flush()
+        record = file_record(f.name)
+    if record_beside:
+        with atomic_write(sidecar_path(path), "w", encoding="utf-8") as f:
+            json.dump(record, f)
+    return record
+
+
 class DamagedArtifactError(ValueError):
     """A file that is missing, truncated, corrupt or unparseable; the message is complete (file, problem, remedy).
     A ValueError, so the scripts' existing `except (FileNotFoundError, ValueError)` handlers report it as it is."""

@@ -23,20 +23,11 @@ import re
 
 import torch
 
-from nanochat.artifacts import DamagedArtifactError, atomic_write, file_record, load_checked, looks_whole, read_json, read_sidecar, sidecar_path
+from nanochat.artifacts import DamagedArtifactError, atomic_write, load_checked, looks_whole, read_json, read_sidecar, write_recorded
 from nanochat.common import get_base_dir, logger
 from nanochat.gpt import GPT, GPTConfig
 
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
-
-
-def _atomic_torch_save(obj, path):
-    """-> the record (size, sha256) of what was written, hashed from the temporary file so it describes exactly these bytes."""
-    with atomic_write(path) as f:
-        torch.save(obj, f)
-        f.flush()
-        record = file_record(f.name)
-    return record
 
 
 def _atomic_json_save(obj, path):
@@ -60,11 +51,10 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
     """Every rank calls this: each writes its own optimizer_data (if any); rank 0 also writes model and meta."""
     os.makedirs(checkpoint_dir, exist_ok=True)
     if optimizer_data is not None:
-        optim_path = _optim_path(checkpoint_dir, step, rank)
-        _atomic_json_save(_atomic_torch_save(optimizer_data, optim_path), sidecar_path(optim_path))
+        write_recorded(_optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optimizer_data, f), record_beside=True)
     if rank == 0:
         model_path = _model_path(checkpoint_dir, step)
-        model_record = _atomic_torch_save(model_data, model_path)
+        model_record = write_recorded(model_path, lambda f: torch.save(model_data, f))  # the record goes in the meta
         meta_data = dict(meta_data, files={os.path.basename(model_path): model_record})
         _atomic_json_save(meta_data, _meta_path(checkpoint_dir, step))  # last: marks the step complete
         logger.info(f"saved checkpoint step {step} to {checkpoint_dir}")

@@ -5,7 +5,7 @@ Categorical tasks (multiple choice) need one batched forward pass: the answer is
 letter has the highest logit right after <|assistant_start|>, so a model is never penalised for the
 words around its answer. Generative tasks sample replies through the Engine (with tool use) and count
 a problem as solved if any of the num_samples replies is right (pass@k). Problems are strided across
-ranks; all_reduce_counts sums the (passed, total) pairs.
+ranks; all_reduce_counts sums the (passed, total) pairs (all_reduce_sums any figures).
 """
 import time
 
@@ -86,13 +86,18 @@ def run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, te
     return num_passed, total
 
 
+def all_reduce_sums(values, device):
+    """Each of `values` summed over ranks, in one all-reduce (float64: counts stay exact up to 2**53)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    return totals.tolist()
+
+
 def all_reduce_counts(num_passed, total, device):
     """Sum (passed, total) over ranks."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return num_passed, total
-    counts = torch.tensor([num_passed, total], dtype=torch.long, device=device)
-    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    return counts[0].item(), counts[1].item()
+    return tuple(int(count) for count in all_reduce_sums([num_passed, total], device))
 
 
 def turn_end_rate(engine, tokenizer, conversations, max_tokens=128):

@@ -6,7 +6,6 @@ Vocabulary layout: 256 byte tokens, then the merges, then the special tokens bel
 Both saved files carry their size and sha256 next to them (<file>.json), so a damaged one is named, with
 the fix: rerun tok_train (nanochat/artifacts.py).
 """
-import json
 import os
 import pickle
 
@@ -14,7 +13,7 @@ import rustbpe
 import tiktoken
 import torch
 
-from nanochat.artifacts import DamagedArtifactError, atomic_write, file_record, load_checked, read_sidecar, sidecar_path
+from nanochat.artifacts import DamagedArtifactError, load_checked, read_sidecar, write_recorded
 from nanochat.common import get_base_dir
 
 SPECIAL_TOKENS = [
@@ -85,9 +84,9 @@ class RustBPETokenizer:
         """Write tokenizer.pkl and token_bytes.pt atomically, each with its record (size, sha256) next to it."""
         os.makedirs(tokenizer_dir, exist_ok=True)
         saved = {"pattern": self.enc._pat_str, "mergeable_ranks": self.enc._mergeable_ranks}
-        _atomic_write_with_record(os.path.join(tokenizer_dir, "tokenizer.pkl"), lambda f: pickle.dump(saved, f))
+        write_recorded(os.path.join(tokenizer_dir, "tokenizer.pkl"), lambda f: pickle.dump(saved, f), record_beside=True)
         token_bytes = self.compute_token_bytes()
-        _atomic_write_with_record(os.path.join(tokenizer_dir, "token_bytes.pt"), lambda f: torch.save(token_bytes, f))
+        write_recorded(os.path.join(tokenizer_dir, "token_bytes.pt"), lambda f: torch.save(token_bytes, f), record_beside=True)
 
     def compute_token_bytes(self):
         """Byte length of every token id (0 for special tokens), from the raw bytes, never a str round trip."""
@@ -233,15 +232,6 @@ def normalize_conversation(conversation, allow_ending_with_user=True):
     if not allow_ending_with_user and messages[-1]["role"] != "assistant":
         raise ValueError("conversation must end with an assistant message")
     return messages
-
-
-def _atomic_write_with_record(path, write):
-    """Write path all or nothing, then its record (size, sha256) beside it, which loading checks first."""
-    with atomic_write(path) as f:
-        write(f)
-    with atomic_write(sidecar_path(path), "w", encoding="utf-8") as f:
-        json.dump(file_record(path), f)
-
 
 
 def _load_tokenizer_file(path, load):

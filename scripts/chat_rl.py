@@ -19,13 +19,12 @@ import random
 import time
 
 import torch
-import torch.distributed as dist
 
 from nanochat.common import compute_cleanup, get_base_dir, print0
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.rl import policy_gradient_batches, sample_group
-from nanochat.task_eval import run_generative_eval
+from nanochat.task_eval import all_reduce_sums, run_generative_eval
 from nanochat.training import (StepLogger, add_optimizer_args, add_training_args, check_training_args, get_muon_momentum,
                                init_compute, load_source_model, resume_if_asked, run_training_loop, save_training_state,
                                setup_optimizers, train_step)
@@ -103,20 +102,13 @@ history = meta.get("history", {})  # step -> {metric: value}, kept across resume
 last_stats = {}
 
 
-def all_reduce_sum(values):
-    tensor = torch.tensor(values, dtype=torch.float64, device=compute.device)
-    if compute.is_distributed:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor.tolist()
-
-
 def evaluate(step):
     model.eval()
     correct = []
     with compute.autocast:
         solved, total = run_generative_eval(test_task, tokenizer, engine, args.eval_samples, args.max_new_tokens, args.temperature,
                                             args.top_k, max_problems=args.eval_examples, correct_samples=correct)
-    solved, total, right_samples = all_reduce_sum([solved, total, sum(correct)])
+    solved, total, right_samples = all_reduce_sums([solved, total, sum(correct)], compute.device)
     model.train()
     metrics = {"pass@1": right_samples / max(total * args.eval_samples, 1), f"pass@{args.eval_samples}": solved / max(total, 1)}
     history[str(step)] = metrics
@@ -144,8 +136,8 @@ def step_fn(step, lr_multiplier):
                                  get_muon_momentum(step))
     loss = loss.item()  # waits for the step, so the learning time is honest
     learned_at = time.time()
-    totals = all_reduce_sum([sum(r.reward for r in rollouts), len(rollouts), flat_groups, sum(r.completion_length for r in rollouts),
-                             sum(r.tool_calls for r in rollouts), sampled_at - started, learned_at - sampled_at])
+    totals = all_reduce_sums([sum(r.reward for r in rollouts), len(rollouts), flat_groups, sum(r.completion_length for r in rollouts),
+                              sum(r.tool_calls for r in rollouts), sampled_at - started, learned_at - sampled_at], compute.device)
     reward, rows, flat, length, tool_calls, sampling_time, learning_time = totals
     last_stats.update({"reward": reward / rows, "flat groups": flat / (args.examples_per_step), "length": length / rows,
                        "tool calls": tool_calls / rows, "sampling share": sampling_time / (sampling_time + learning_time),
