@@ -161,8 +161,12 @@ def build_model(checkpoint_dir, step, device, phase):
     tokenizer = get_tokenizer()  # first: a missing or damaged tokenizer is reported before seconds of building the model
     model_data, _, meta = load_checkpoint(checkpoint_dir, step, device, required_meta_keys=("model_config",))
     # checkpoints written from a torch.compile'd model carry this prefix
+    # fp32 weights whatever was saved, as training expects; the chat front ends cast to bf16 themselves
+    # (engine.prepare_for_inference)
     model_data = {k.removeprefix("_orig_mod."): v.float() if v.is_floating_point() else v for k, v in model_data.items()}
     config = GPTConfig(**meta["model_config"])
+    # build on the meta device (shapes only), then allocate once on the target device: no throwaway
+    # random init in CPU memory for a model that is about to be overwritten
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)

@@ -1,5 +1,9 @@
 """
 Shared plumbing: base directory, device detection, torch.distributed init, rank-0 logging.
+
+Distributed runs follow torchrun's convention: one process per GPU, each told its RANK, LOCAL_RANK and
+WORLD_SIZE in the environment. Without those variables everything runs as rank 0 of 1, so the same
+script works unchanged under `python -m` and under `torchrun`.
 """
 import functools
 import logging
@@ -95,6 +99,8 @@ def compute_init(device_type=None):
         raise RuntimeError("--device-type cuda was requested but torch sees no CUDA device; use --device-type cpu")
     if device_type == "mps" and not torch.backends.mps.is_available():
         raise RuntimeError("--device-type mps was requested but MPS is not available; use --device-type cpu")
+    # the same seed on every rank: each builds and initialises its own copy of the model, and there is no
+    # DDP wrapper to broadcast rank 0's weights, so identical seeds are what make the copies identical
     torch.manual_seed(42)
     if device_type == "cuda":
         torch.cuda.manual_seed(42)
@@ -103,6 +109,7 @@ def compute_init(device_type=None):
     if is_distributed and device_type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+        # device_id binds the NCCL communicator to this GPU now, not lazily at the first collective
         dist.init_process_group(backend="nccl", device_id=device)
         dist.barrier()
     elif is_distributed:

@@ -4,10 +4,19 @@ tasks, each scored as accuracy, centered by its random baseline ((acc - baseline
 and averaged. Computed exactly as DCLM and the original nanochat do, so numbers are comparable
 (GPT-2 1.5B scores 0.2565).
 
+Why centered: the tasks have different chance levels (25% for 4-way multiple choice, 50% for
+binary, ~0 for exact-match language modelling), so raw accuracies do not average fairly. Centering
+maps chance to 0 and a perfect score to 1 on every task; a task below chance counts negative.
+
+Why in-context tasks at all: a base model cannot follow instructions yet, but it can continue a
+few-shot prompt, and comparing the model's own likelihood of each answer needs no generation and no
+answer parsing. It measures what pretraining built, before any chat finetuning.
+
 Three task types:
 - multiple_choice: same context, several continuations; pick the choice with the lowest mean loss
-  over its continuation tokens.
-- schema: several contexts, same continuation; same scoring over the shared continuation.
+  over its continuation tokens (the mean, not the sum, so a long answer is not penalised for length).
+- schema: several contexts, same continuation; same scoring over the shared continuation
+  (e.g. Winograd: which referent makes the rest of the sentence most likely).
 - language_modeling: context then continuation; correct only if greedy decoding reproduces every
   continuation token.
 """
@@ -152,6 +161,7 @@ def find_common_length(token_sequences, direction="left"):
 
 def tokenize_prompts(tokenizer, task_type, prompts):
     """-> (token lists, start, end): the scored span of row i is tokens[i][start[i]:end[i]]."""
+    # BOS first, as every pretraining document starts: the model is scored in the position it was trained in
     tokens = tokenizer.encode(prompts, prepend=tokenizer.get_bos_token_id())
     if task_type == "multiple_choice":  # the choices are what differs after the shared prefix
         start = find_common_length(tokens, "left")
@@ -241,7 +251,7 @@ def evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=-1, max_seq
         started = time.time()
         data = load_task_data(bundle_dir, task, max_per_task)
         accuracy = evaluate_task(model, tokenizer, data, task, device, max_seq_len)
-        baseline = 0.01 * task["random_baseline"]
+        baseline = 0.01 * task["random_baseline"]  # the CSV gives it in percent
         results[task["label"]] = accuracy
         centered_results[task["label"]] = (accuracy - baseline) / (1.0 - baseline)
         log(f"[{number}/{len(tasks)}] {task['label']:<36} {task['num_fewshot']}-shot {task['task_type']:<18} "

@@ -96,6 +96,7 @@ class BestFitPacker:
                 if not self.keys:
                     raise StopIteration from None  # a single pass is over; the partial row is dropped
             space = capacity - position
+            # the last key <= (space, inf) is the longest buffered document that still fits (latest arrival on ties)
             fits = bisect.bisect_right(self.keys, (space, float("inf"))) - 1
             if fits >= 0:
                 tokens, mask = self.take(fits)
@@ -117,6 +118,7 @@ class BestFitPacker:
         masks = np.empty_like(rows) if self.has_masks else None
         for i, row in enumerate(rows):
             self.next_row(row, masks[i] if masks is not None else None)
+        # rows hold seq_len+1 tokens: inputs are the first seq_len, targets the same tokens shifted by one
         targets = rows[:, 1:].copy()
         if masks is not None:
             targets[masks[:, 1:] == 0] = -1  # masked tokens are inputs, never targets
@@ -178,6 +180,7 @@ class PretrainLoader(BestFitPacker):
             logger.info(f"rank {self.rank}: {self.split} data exhausted, starting epoch {self.epoch}")
 
     def add_documents(self, texts, locations):
+        # a whole row group at once: tiktoken's batch encode runs on several threads outside the GIL
         token_lists = self.tokenizer.encode(texts, prepend=self.bos, num_threads=self.tokenizer_threads)
         for tokens, location in zip(token_lists, locations):
             self.add_document(tokens, location)

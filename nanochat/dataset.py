@@ -11,6 +11,15 @@ Which data is used:
   - otherwise, or when NANOCHAT_DATA=sample, the embedded sample in nanochat/sample_data/.
 The validation split is always one fixed file: the dataset's last shard (or the sample's val.parquet),
 never "whichever shard happened to be downloaded last".
+
+Why FineWeb-Edu (Penedo et al. 2024): web text filtered by a classifier for educational value, which
+reaches a given benchmark score with far fewer tokens than unfiltered web text, and a small model
+has few tokens to spend. Karpathy's copy is re-sharded and shuffled, so reading the shards in order
+is already a random stream of documents and the loader needs no shuffle buffer.
+
+Why parquet row groups: a row group (~1024 documents) is the unit parquet reads and decompresses on
+its own, so it is the natural unit to hand out to ranks (rank r reads row groups r, r+W, r+2W, ... of
+every file) and to record for an exact resume ("the last row group read was (file, group)").
 """
 import argparse
 import os
@@ -103,6 +112,7 @@ def iter_row_groups(split, start=0, step=1, data_dir=None, after=None):
     row_group_index) resumes just past that row group (what the dataloader records in its state).
     """
     files = split_files(split, data_dir)
+    # the same file list and stride on every rank: the ranks' row groups never overlap and nothing is skipped
     first_file, last_row_group = after if after is not None else (0, None)
     for file_index in range(first_file, len(files)):
         path = files[file_index]

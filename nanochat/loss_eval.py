@@ -4,6 +4,11 @@ Bits per byte: the validation loss that does not depend on the tokenizer.
 Mean cross-entropy per token changes when the vocabulary changes; summing the loss in bits over
 the predicted tokens and dividing by the number of UTF-8 bytes those tokens stand for does not,
 so models with different tokenizers can be compared.
+
+Why: a model's total loss on a text, in bits, is the length of that text compressed with the model
+(arithmetic coding), whatever the tokens are. A bigger vocabulary puts more bytes in each token, so
+each token is harder to predict and the per-token loss goes up, but the bits for the whole text do
+not have to; dividing by the text's bytes rather than its token count measures compression alone.
 """
 import math
 
@@ -33,6 +38,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         targets = targets.reshape(-1)
         valid = targets >= 0
         num_bytes = torch.where(valid, token_bytes.to(targets.device)[targets.clamp(min=0)], 0)
+        # special tokens (0 bytes) are not text: their loss is left out too, or it would be spread over other tokens' bytes
         total_nats += torch.where(num_bytes > 0, loss, 0.0).sum()
         total_bytes += num_bytes.sum()
     if dist.is_available() and dist.is_initialized():
@@ -41,4 +47,4 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     total_bytes = total_bytes.item()
     if total_bytes == 0:
         raise ValueError("evaluate_bpb saw no target bytes: the evaluation data is empty or fully masked; raise --eval-tokens")
-    return total_nats.item() / (math.log(2) * total_bytes)
+    return total_nats.item() / (math.log(2) * total_bytes)  # nats -> bits, then per byte

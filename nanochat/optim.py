@@ -1,6 +1,20 @@
 """
 Optimizers: Muon for the 2-D matrices inside the Transformer blocks, AdamW for everything else.
 
+Muon (Jordan et al. 2024) takes SGD-momentum's update for a weight matrix and replaces it by the
+nearest orthogonal matrix: M = U S V^T becomes U V^T, every singular value set to 1. Why: the raw
+momentum of a Transformer matrix is dominated by a few directions (its singular values span orders of
+magnitude), so a step along it barely moves the rare directions. Orthogonalising gives every direction
+of the update the same size; on the NanoGPT speedrun this trained the hidden matrices in fewer steps
+than AdamW. An exact SVD is too slow on GPUs, so a few Newton-Schulz iterations (matmuls
+only, fine in bf16) approximate it.
+
+Why only the block matrices: Muon is meant for hidden layers, maps from features to features. The
+embedding's input is a one-hot token (a row is a lookup, updated only when its token appears) and the
+head's output rows are per-token scores; Muon's author found both train better with AdamW, and vectors
+or scalars have nothing to orthogonalise. Those train with AdamW at their own learning rates
+(GPT.setup_optimizers).
+
 Single process: Muon below and torch.optim.AdamW.
 Distributed (ZeRO-1 style, one reduce_scatter + one all_gather per batch of parameters, never an
 all-reduce per parameter): DistMuon gives each rank whole matrices to orthogonalise; DistAdamW gives
@@ -13,7 +27,9 @@ import torch
 import torch.distributed as dist
 
 # quintic Newton-Schulz coefficients tuned to push all singular values towards 1 in 5 steps
-# (Keller Jordan, "Muon: An optimizer for hidden layers in neural networks", 2024)
+# (Keller Jordan, "Muon: An optimizer for hidden layers in neural networks", 2024). Each iteration maps a
+# singular value s to a*s + b*s^3 + c*s^5; a = 3.4 makes small ones grow fast, at the price of not
+# converging exactly to 1 (they end in ~[0.7, 1.2]), which the author found does not hurt.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
@@ -33,6 +49,7 @@ def zeropower_via_newtonschulz5(G, steps=5, dtype=None):
     if transposed:
         X = X.mT  # iterate on the wide side: X @ X^T is the smaller square
     X = X / (X.norm(dim=(1, 2), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    # the polynomial acts on the singular values only (X X^T X = U S^3 V^T): U and V are kept
     for _ in range(steps):
         A = X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A in one call
@@ -48,9 +65,12 @@ def muon_update(grad, momentum_buffer, momentum, nesterov=True, ns_steps=5, ns_d
     Momentum, then orthogonalise, then scale so tall matrices get the same per-element update size as
     square ones. grad/momentum_buffer: one matrix or a stack of same-shape matrices; grad is overwritten.
     """
-    momentum_buffer.lerp_(grad, 1 - momentum)
+    momentum_buffer.lerp_(grad, 1 - momentum)  # buf = m * buf + (1 - m) * grad
+    # Nesterov: step along (1 - m) * grad + m * buf, a look-ahead by one step of momentum
     update = grad.lerp_(momentum_buffer, momentum) if nesterov else momentum_buffer
     update = zeropower_via_newtonschulz5(update, steps=ns_steps, dtype=ns_dtype)
+    # U V^T of a [rows, cols] matrix has rms 1/sqrt(max(rows, cols)) per entry; sqrt(rows / cols) for tall ones
+    # brings them to 1/sqrt(cols), the square matrices' value (the MLP's 4x-wide c_fc is tall)
     shape_scale = max(1.0, grad.size(-2) / grad.size(-1)) ** 0.5
     return update * shape_scale
 
@@ -77,6 +97,7 @@ class Muon(torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(grads)
             updates = muon_update(grads, state["momentum_buffer"], group["momentum"], group["nesterov"], group["ns_steps"],
                                   self.ns_dtype)
+            # no weight decay here: --weight-decay applies to the AdamW groups only
             torch._foreach_add_(params, list(updates.unbind(0)), alpha=-group["lr"])
 
 
@@ -172,6 +193,7 @@ class DistAdamW(torch.optim.Optimizer):
             state["step"] += 1
             step = state["step"].item()
             beta1, beta2 = group["betas"]
+            # decoupled weight decay (Loshchilov & Hutter 2019, AdamW): shrink the weights, not the gradient
             owned_param.mul_(1 - group["lr"] * group["weight_decay"])
             state["exp_avg"].lerp_(owned_grad, 1 - beta1)
             state["exp_avg_sq"].mul_(beta2).addcmul_(owned_grad, owned_grad, value=1 - beta2)

@@ -37,6 +37,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, 
     pad = tokenizer.get_bos_token_id()  # right padding: it comes after every answer position, so it is never read
     letter_cache = {}
     num_passed, total = 0, 0
+    # whole batches are strided across ranks (not single problems), so each rank's forward passes stay full
     for batch_index in range(rank, num_batches, world_size):
         conversations = [task[i] for i in range(batch_index * batch_size, min((batch_index + 1) * batch_size, num_problems))]
         prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
@@ -74,6 +75,7 @@ def run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, te
     started = time.time()
     for i in range(rank, num_problems, world_size):
         scores = score_samples(task, tokenizer, engine, i, num_samples, max_new_tokens, temperature, top_k)
+        # pass@k: solved if any of the k samples is right (an upper bound on what one reply would score)
         num_passed += int(any(scores))
         total += 1
         if correct_samples is not None:

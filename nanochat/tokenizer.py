@@ -1,8 +1,16 @@
 """
 The tokenizer: trained by our Rust BPE trainer (rustbpe), run by tiktoken (fast, multithreaded encoding).
 
+Byte-level BPE, as in GPT-2 (Radford et al. 2019) and GPT-4: start from the 256 byte values, so any
+string, in any language, encodes with no unknown token, then repeatedly merge the most frequent
+adjacent pair of tokens into a new token. Training is where the time goes (counting pairs over
+billions of characters), which is why it is written in Rust; encoding with a fixed list of merges is
+tiktoken's job. Before merging, text is split by a regex into chunks (words with their leading space,
+runs of digits, punctuation, whitespace) and merges never cross a chunk boundary, so " dog." and
+" dog!" both use the token " dog" instead of spending vocabulary on " dog." and " dog!".
+
 Vocabulary layout: 256 byte tokens, then the merges, then the special tokens below. The chat format
-(DESIGN.md) is rendered here, together with the loss mask that says which tokens the assistant must learn.
+(docs/chat_format.md) is rendered here, together with the loss mask that says which tokens the assistant must learn.
 Both saved files carry their size and sha256 next to them (<file>.json), so a damaged one is named, with
 the fix: rerun tok_train (nanochat/artifacts.py).
 """
@@ -31,6 +39,7 @@ SPECIAL_TOKENS = [
 # GPT-4's split pattern with digits grouped 1-2 (not 1-3): fewer number merges at our small vocab sizes
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
+# an assistant message's content is a str, or a list of parts of these types (a reply that used the tool)
 ASSISTANT_PART_TYPES = ("text", "python", "python_output")
 
 
@@ -78,7 +87,7 @@ class RustBPETokenizer:
     def from_pretrained(cls, tiktoken_name):
         """An existing tiktoken encoding (e.g. "gpt2", "cl100k_base"), for comparisons; needs the network once."""
         encoding = tiktoken.get_encoding(tiktoken_name)
-        return cls(encoding, bos_token="<|endoftext|>")
+        return cls(encoding, bos_token="<|endoftext|>")  # GPT-2/GPT-4's document separator plays the BOS role
 
     def save(self, tokenizer_dir):
         """Write tokenizer.pkl and token_bytes.pt atomically, each with its record (size, sha256) next to it."""
@@ -89,7 +98,11 @@ class RustBPETokenizer:
         write_recorded(os.path.join(tokenizer_dir, "token_bytes.pt"), lambda f: torch.save(token_bytes, f), record_beside=True)
 
     def compute_token_bytes(self):
-        """Byte length of every token id (0 for special tokens), from the raw bytes, never a str round trip."""
+        """
+        Byte length of every token id (0 for special tokens), from the raw bytes, never a str round trip
+        (a token can hold part of a UTF-8 character, which decodes to a 3-byte replacement character).
+        Used by bits per byte (nanochat/loss_eval.py); the 0s leave special tokens out of it.
+        """
         lengths = [0] * self.get_vocab_size()
         for token_bytes, rank in self.enc._mergeable_ranks.items():
             lengths[rank] = len(token_bytes)
@@ -117,6 +130,8 @@ class RustBPETokenizer:
         """Encode a str (-> list of ids) or a list of str (-> list of lists, on num_threads threads)."""
         prefix = [self._as_id(prepend)] if prepend is not None else []
         suffix = [self._as_id(append)] if append is not None else []
+        # encode_ordinary: text that happens to contain "<|assistant_end|>" stays plain bytes, so a user
+        # cannot inject control tokens into the conversation by typing them
         if isinstance(text, str):
             return prefix + self.enc.encode_ordinary(text) + suffix
         if isinstance(text, list):
@@ -151,6 +166,7 @@ class RustBPETokenizer:
             ids.extend(token_ids)
             mask.extend([mask_value] * len(token_ids))
 
+        # mask values are per token, not per target: the loaders shift by one (target t+1 is kept where mask[t+1] == 1)
         add(self.get_bos_token_id(), 0)
         for message in messages:
             if message["role"] == "user":
@@ -158,6 +174,8 @@ class RustBPETokenizer:
                 add(self.encode(message["content"]), user_mask)
                 add(special["<|user_end|>"], user_mask)
                 continue
+            # at inference the prompt ends with <|assistant_start|> (render_for_completion): the model never
+            # has to produce it, so SFT does not train it
             add(special["<|assistant_start|>"], user_mask)
             content = message["content"]
             parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
@@ -169,7 +187,7 @@ class RustBPETokenizer:
                     add(special["<|python_start|>"], 1)
                     add(part_ids, 1)
                     add(special["<|python_end|>"], 1)
-                else:  # python_output
+                else:  # python_output: the engine writes it; training on it would teach the model to guess results
                     add(special["<|output_start|>"], 0)
                     add(part_ids, 0)
                     add(special["<|output_end|>"], 0)
@@ -183,7 +201,7 @@ class RustBPETokenizer:
             messages = messages[:-1]
         if not messages:
             raise ValueError("conversation needs at least one user message to complete")
-        ids, _ = self.render_conversation(messages, max_tokens=10**9)
+        ids, _ = self.render_conversation(messages, max_tokens=10**9)  # never truncated: the end is what matters
         ids.append(self.encode_special("<|assistant_start|>"))
         return ids
 
@@ -220,6 +238,7 @@ def normalize_conversation(conversation, allow_ending_with_user=True):
         elif not isinstance(content, str):
             raise ValueError(f"message {index} ({role}) content must be a str")
         messages.append({"role": role, "content": content})
+    # there is no system token: a system message becomes the top of the first user turn
     if messages[0]["role"] == "system":
         if len(messages) < 2 or messages[1]["role"] != "user":
             raise ValueError("a system message must be followed by a user message")

@@ -77,6 +77,7 @@ def main():
     parser.add_argument("--max-problems", type=int, default=None, help="evaluate at most this many problems per task")
     parser.add_argument("--num-samples", type=int, default=1, help="samples per generative problem (pass@k with k = this)")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="maximum tokens per generated reply")
+    # greedy by default: one deterministic reply per problem, so pass@1 does not move between runs
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("--top-k", type=int, default=50, help="sample only among the k most likely tokens")
     parser.add_argument("--batch-size", type=int, default=8, help="problems per forward pass for categorical tasks")
@@ -124,6 +125,7 @@ def main():
             else:
                 passed, total = run_generative_eval(task, tokenizer, engine, args.num_samples, args.max_new_tokens,
                                                     args.temperature, args.top_k, args.max_problems)
+        # counts, not per-rank accuracies, are summed: ranks can hold different numbers of problems
         passed, total = all_reduce_counts(passed, total, device)
         accuracies[name] = passed / max(total, 1)
         print0(f"{name}: {passed}/{total} = {100 * accuracies[name]:.2f}% ({time.time() - started:.0f} s)")

@@ -4,9 +4,12 @@ token_bytes) to <base dir>/tokenizer.
 
     python -m scripts.tok_train --vocab-size 32768
 
-Default vocab 32768: at depth 20 (width 1280) the output head costs 6*1280*V FLOPs per token, ~11% of
-the step at 32768 vs ~21% at 65536, while 65536 compresses text only ~4% better (see tok_eval), so the
-smaller vocab buys more tokens per FLOP.
+Default vocab 32768: at depth 20 (width 1280) the output head costs 6*1280*V FLOPs per token, ~8% of
+the step (GPT.estimate_flops) at 32768 vs ~14% at 65536 (11% vs 21% of the blocks' own matmuls), while
+65536 compresses text only ~4% better (see tok_eval), so the smaller vocab buys more tokens per FLOP.
+
+The trainer sees text as a stream of documents; it splits each with the regex pattern, counts the
+distinct chunks, and merges pairs within chunks only (nanochat/tokenizer.py, rustbpe/src/lib.rs).
 """
 import argparse
 import time
@@ -33,7 +36,7 @@ def text_iterator():
     global chars_seen
     for documents in parquets_iter_batched(split="train"):
         for document in documents:
-            document = document[: args.doc_cap]
+            document = document[: args.doc_cap]  # a few huge documents must not dominate the pair counts
             chars_seen += len(document)
             yield document
             if chars_seen >= args.max_chars:
@@ -49,7 +52,8 @@ tokenizer_dir = get_tokenizer_dir()
 tokenizer.save(tokenizer_dir)
 print0(f"Saved tokenizer and token_bytes to {tokenizer_dir}")
 
-# sanity check: a round trip through the saved files
+# sanity check: a round trip through the saved files (byte-level BPE must reproduce any string exactly,
+# accents and emoji included: they are split into UTF-8 bytes, never mapped to an unknown token)
 reloaded = RustBPETokenizer.from_directory(tokenizer_dir)
 probe = "Hello world! 12345 naïve café 🙂 def f(x): return x**2"
 assert reloaded.decode(reloaded.encode(probe)) == probe, "tokenizer round trip failed"

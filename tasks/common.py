@@ -68,6 +68,8 @@ class TaskMixture:
     def __init__(self, tasks, seed=42):
         self.tasks = tasks
         self.index_map = [(task_index, i) for task_index, task in enumerate(tasks) for i in range(len(task))]
+        # shuffled, not concatenated: every batch mixes the tasks, so no stretch of training sees only one
+        # of them (and the last steps, at the lowest lr, do not specialise in whichever task came last)
         random.Random(seed).shuffle(self.index_map)
 
     def __len__(self):

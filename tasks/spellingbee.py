@@ -53,6 +53,8 @@ def spell_and_count(word, letter):
         f"We are asked to count the letter '{letter}' in the word '{word}'. Let me first do it by hand.",
         "",
         "Spell the word out:",
+        # comma-separated, each letter lands in a regex chunk of its own (",p"), so no token holds two letters:
+        # the count below then runs over letters the model can see, not letters hidden inside a word's tokens
         f"{word}:{','.join(word)}",
         "",
         f"Then count the occurrences of '{letter}':",
@@ -97,6 +99,7 @@ class SpellingBee(Task):
         parts = [
             {"type": "text", "text": spell_and_count(word, letter)},
             {"type": "text", "text": "\n\nLet me double check this using Python:\n\n"},
+            # the same question answered two ways, by hand and then with the tool: the model learns both
             {"type": "python", "text": f"'{word}'.count('{letter}')"},
             {"type": "python_output", "text": str(count)},
             {"type": "text", "text": f"\n\nPython gives us {count}.\n\nMy final answer is:\n\n#### {count}"},
