@@ -2,12 +2,23 @@
 The report card: every stage writes a markdown section into <base dir>/report/, and
 `python -m nanochat.report generate` assembles them (in pipeline order) into report.md.
 
-    python -m nanochat.report reset      # start of a run: header with date, git, hardware, versions
+    python -m nanochat.report reset      # start of a run: header with date, git, hardware, versions, code size
     get_report().log(section="Base model training", data=[{"val bpb": 0.81, ...}])
     python -m nanochat.report generate   # -> <base dir>/report.md, copied to ./report.md
+
+report.md reads top to bottom like the run: the header, each stage's section, the training curves
+(PNGs drawn from the points training recorded in report/curves/<stage>.jsonl, when matplotlib is
+installed), the wall time of each stage (from speedrun.sh's markers in speedrun_stages/), and last the
+summary table of headline metrics x stages, the total wall-clock time and what the GPUs cost.
+
+The total is the sum of the stages' own times, not "now - reset": a run resumed the next day must not
+bill the night in between. Offline stand-in scores (NANOCHAT_DATA=sample) are marked in the table, so a
+score on synthetic arithmetic is never mistaken for GSM8K.
 """
 import argparse
 import datetime
+import json
+import math
 import os
 import platform
 import re
@@ -19,6 +30,8 @@ import sys
 from nanochat.artifacts import atomic_write
 from nanochat.common import get_base_dir, get_dist_info
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # pipeline order of the sections; a section not listed here goes at the end, in the order written
 SECTION_ORDER = [
     "Tokenizer training",
@@ -26,6 +39,7 @@ SECTION_ORDER = [
     "Base model training",
     "Base model loss",
     "Base model evaluation",
+    "Chat evaluation base",
     "Midtraining",
     "Chat evaluation mid",
     "Chat SFT",
@@ -33,11 +47,33 @@ SECTION_ORDER = [
     "Chat RL",
     "Chat evaluation rl",
 ]
-# metrics shown in the summary table, looked up by key in each stage's sections
+# the summary table: these rows x these columns, always all of them ("-" where a number is missing),
+# so two report cards line up row for row
 SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
-SUMMARY_STAGES = {"base": ["Base model evaluation"], "mid": ["Chat evaluation mid"], "sft": ["Chat evaluation sft"], "rl": ["Chat evaluation rl"]}
-# on-demand price of an 8xH100 node, for the cost line (adjust to your provider)
-DOLLARS_PER_GPU_HOUR = 3.0
+SUMMARY_STAGES = {"base": ["Base model evaluation", "Chat evaluation base"], "mid": ["Chat evaluation mid"],
+                  "sft": ["Chat evaluation sft"], "rl": ["Chat evaluation rl"]}
+# scripts/chat_eval.py labels offline scores "<task> (stand-in)"; the stand-in tasks have their own names,
+# so this says which benchmark each one stands in for (tasks/wordnet_mc.py copies MMLU's format,
+# tasks/arithmetic.py GSM8K's). "<metric> (stand-in)" for a metric of the table maps to itself.
+STAND_IN_KEYS = {"WordNet-MC (stand-in)": "MMLU", "Arithmetic (stand-in)": "GSM8K", "ChatCORE (stand-ins)": "ChatCORE"}
+STAND_IN_MARK = " *"
+STAND_IN_FOOTNOTE = ("\\* offline stand-in task, not the real benchmark (NANOCHAT_DATA=sample: WordNet-MC for MMLU, "
+                     "synthetic arithmetic for GSM8K)")
+
+# the price of one 8xH100 node per hour (on-demand, 2025; adjust with --hourly-rate or NANOCHAT_HOURLY_RATE)
+DEFAULT_NODE_HOURLY_RATE = 24.0
+GPUS_PER_NODE = 8
+
+# the code whose size the header reports: what `git ls-files` tracks with these endings, or, without git
+# (a tarball), these folders and the top-level files
+CODE_EXTENSIONS = (".py", ".rs", ".sh", ".md", ".toml", ".html")
+CODE_FOLDERS = ("nanochat", "scripts", "tasks", os.path.join("rustbpe", "src"))
+# stands in the header for the code's token count when `reset` runs before the tokenizer is trained
+# (speedrun.sh resets first); `generate` replaces it with the count
+TOKENS_PENDING = "(counted when the report is generated: no tokenizer yet at reset)"
+# the panels that come first in a stage's figure, when recorded; any other quantity follows, alphabetically
+CURVE_ORDER = ["train_loss", "val_bpb", "reward", "pass@1"]
+PLOTS_HINT = "install matplotlib (`uv sync --extra plots`) for training-curve plots"
 
 
 def slugify(text):
@@ -52,11 +88,23 @@ def _format_value(value):
     return str(value)
 
 
-def _run(command):
+def format_wall_time(seconds):
+    """3723.4 -> '1h 02m 03s', 245 -> '4m 05s'."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m {seconds:02d}s" if hours else f"{minutes}m {seconds:02d}s"
+
+
+def _run(command, cwd=REPO_ROOT):
     try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(command, capture_output=True, text=True, timeout=10, cwd=cwd).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
+
+
+# -----------------------------------------------------------------------------
+# the header: what ran, where, on what
 
 
 def git_info():
@@ -66,19 +114,242 @@ def git_info():
     return commit, branch, dirty
 
 
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux: platform.processor() is the best the standard library offers
+    return platform.processor() or "unknown"
+
+
+def ram_bytes():
+    """Physical memory in bytes, or None when neither /proc/meminfo nor sysconf knows."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024  # the file says kB and means KiB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def gpu_count():
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def gpu_info():
+    import torch
+
+    count = gpu_count()
+    if count == 0:
+        return {"GPUs": "none (CPU run)"}
+    names = sorted({torch.cuda.get_device_name(i) for i in range(count)})
+    return {"GPUs": f"{count} x {' / '.join(names)}",
+            "GPU memory": f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB each",
+            "CUDA": torch.version.cuda or "unknown"}
+
+
 def hardware_info():
     import torch
 
-    info = {"Hostname": socket.gethostname(), "Platform": platform.platform(), "CPUs": os.cpu_count()}
-    if torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        info["GPUs"] = f"{count} x {torch.cuda.get_device_name(0)}"
-        info["GPU memory"] = f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB each"
-    else:
-        info["GPUs"] = "none (CPU run)"
+    ram = ram_bytes()
+    info = {"Hostname": socket.gethostname(), "Platform": platform.platform(), "CPU": cpu_model(), "CPU cores": os.cpu_count(),
+            "RAM": f"{ram / 2**30:.1f} GiB" if ram else "unknown"}
+    info.update(gpu_info())
     info["Python"] = platform.python_version()
     info["torch"] = torch.__version__
     return info
+
+
+def code_files(repo_root=REPO_ROOT):
+    """The repository's source files (paths relative to repo_root): git's tracked ones, else a walk of CODE_FOLDERS."""
+    listed = _run(["git", "ls-files", "-z"], cwd=repo_root)  # -z: names exactly as they are, never quoted
+    if listed:
+        paths = [p for p in listed.split("\0") if p.endswith(CODE_EXTENSIONS)]
+    else:
+        paths = [n for n in os.listdir(repo_root) if n.endswith(CODE_EXTENSIONS)]
+        for folder in CODE_FOLDERS:
+            for directory, subdirs, names in os.walk(os.path.join(repo_root, folder)):
+                subdirs[:] = [d for d in subdirs if d != "__pycache__"]
+                paths += [os.path.relpath(os.path.join(directory, n), repo_root) for n in names if n.endswith(CODE_EXTENSIONS)]
+    # a file deleted but not yet committed is still listed by git
+    return sorted(p for p in paths if os.path.isfile(os.path.join(repo_root, p)))
+
+
+def code_size(paths, repo_root=REPO_ROOT, tokenizer=None):
+    """{files, lines, characters, tokens}; tokens (under our tokenizer) is None without one."""
+    texts = []
+    for path in paths:
+        with open(os.path.join(repo_root, path), encoding="utf-8", errors="replace") as f:
+            texts.append(f.read())
+    tokens = sum(len(ids) for ids in tokenizer.encode(texts)) if tokenizer is not None and texts else None
+    return {"files": len(texts), "lines": sum(t.count("\n") for t in texts), "characters": sum(len(t) for t in texts),
+            "tokens": tokens}
+
+
+def load_trained_tokenizer():
+    """The run's tokenizer, or None when it is not trained yet (or is damaged: the report still gets written)."""
+    from nanochat.artifacts import DamagedArtifactError
+    from nanochat.tokenizer import get_tokenizer
+
+    try:
+        return get_tokenizer()
+    except (FileNotFoundError, DamagedArtifactError, OSError, ValueError):
+        return None
+
+
+def format_code_size(size):
+    tokens = f"{size['tokens']:,} tokens (our tokenizer)" if size["tokens"] is not None else f"tokens {TOKENS_PENDING}"
+    return f"{size['files']:,} files, {size['lines']:,} lines, {size['characters']:,} characters, {tokens}"
+
+
+def fill_pending_token_count(header, repo_root=REPO_ROOT):
+    """The header with TOKENS_PENDING replaced by the code's token count, now that a tokenizer may exist."""
+    if TOKENS_PENDING not in header:
+        return header
+    tokenizer = load_trained_tokenizer()
+    if tokenizer is None:
+        return header.replace(f"tokens {TOKENS_PENDING}", "tokenizer not trained yet")
+    tokens = code_size(code_files(repo_root), repo_root, tokenizer)["tokens"]
+    return header.replace(f"tokens {TOKENS_PENDING}", f"{tokens:,} tokens (our tokenizer, counted at generate)")
+
+
+# -----------------------------------------------------------------------------
+# stage times: speedrun.sh writes speedrun_stages/<stage>.done when a stage finishes
+
+
+def read_stage_marker(path):
+    """
+    {stage, command, seconds, finished (POSIX time)} from a marker of `key: value` lines (other lines are ignored), or
+    None, with a warning, when it lacks a stage or a usable number of seconds: a half-written or hand-edited
+    marker costs its row of the table, never the report.
+    """
+    fields = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep:
+                    fields[key.strip().lower()] = value.strip()
+    except OSError as e:
+        print(f"warning: skipping the stage marker {path}: {e}", file=sys.stderr)
+        return None
+    try:
+        seconds = float(fields.get("seconds", ""))
+    except ValueError:
+        seconds = float("nan")
+    if not fields.get("stage") or not math.isfinite(seconds) or seconds < 0:
+        print(f"warning: skipping the stage marker {path}: it needs 'stage: <name>' and 'seconds: <wall seconds>'", file=sys.stderr)
+        return None
+    try:  # speedrun.sh writes UTC as "...Z", which fromisoformat reads only from Python 3.11 on
+        finished = datetime.datetime.fromisoformat(re.sub(r"Z$", "+00:00", fields.get("finished", ""))).timestamp()
+    except ValueError:  # only the order needs it: the file's own time says when it was written
+        finished = os.path.getmtime(path)
+    return {"stage": fields["stage"], "command": fields.get("command", ""), "seconds": seconds, "finished": finished,
+            "result": fields.get("result", "done")}
+
+
+def read_stage_markers(stages_dir):
+    """The valid markers of stages_dir, in the order the stages finished."""
+    if not os.path.isdir(stages_dir):
+        return []
+    markers = [read_stage_marker(os.path.join(stages_dir, n)) for n in sorted(os.listdir(stages_dir)) if n.endswith(".done")]
+    return sorted((m for m in markers if m), key=lambda m: m["finished"])
+
+
+def stage_times_table(markers):
+    rows = ["| Stage | Wall time | Command |", "|---|---|---|"]
+    for m in markers:
+        stage = m["stage"] if m.get("result", "done") == "done" else f"{m['stage']} ({m['result']}, optional)"
+        command = m["command"].replace("|", "\\|")  # a pipe inside `-a 'ARC-Easy|MMLU'` would split the cell
+        rows.append(f"| {stage} | {format_wall_time(m['seconds'])} | `{command}` |" if command else
+                    f"| {stage} | {format_wall_time(m['seconds'])} | |")
+    return "## Stage times\n\n" + "\n".join(rows) + "\n\n"
+
+
+# -----------------------------------------------------------------------------
+# cost
+
+
+def hourly_rate_from_env():
+    return float(os.environ.get("NANOCHAT_HOURLY_RATE", DEFAULT_NODE_HOURLY_RATE))
+
+
+def cost_line(hours, num_gpus, node_hourly_rate):
+    """GPU-hours x price: node_hourly_rate buys 8 GPUs for an hour, so a GPU-hour costs an eighth of it."""
+    if num_gpus == 0:
+        return "Estimated cost: n/a (CPU run)"
+    cost = hours * node_hourly_rate * num_gpus / GPUS_PER_NODE
+    return (f"Estimated cost: ${cost:,.2f} ({num_gpus} GPUs x {hours:.2f} h = {hours * num_gpus:.2f} GPU-hours, "
+            f"at ${node_hourly_rate:g}/h per {GPUS_PER_NODE}-GPU node)")
+
+
+# -----------------------------------------------------------------------------
+# training curves: points recorded by training (nanochat.training.record_curve_point), plotted here
+
+
+def curves_dir(base_dir=None):
+    return os.path.join(base_dir or get_base_dir(), "report", "curves")
+
+
+def read_curve(path):
+    """
+    {step: {name: value}} from a curve's JSON lines. A resumed run records its steps again after the
+    checkpoint it resumed from: the last value recorded for a step wins, so the curve shows the run that
+    carried on. A line cut short by a crash is skipped.
+    """
+    points = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                point = json.loads(line)
+                step = int(point.pop("step"))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+            points.setdefault(step, {}).update({k: v for k, v in point.items() if isinstance(v, (int, float))})
+    return points
+
+
+def plot_curve(stage, points, png_path):
+    """One panel per recorded quantity (train loss, val bpb, reward, pass@1...) against the step, into png_path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # draw into files: no display needed (a server, a container)
+    import matplotlib.pyplot as plt
+
+    recorded = {name for values in points.values() for name in values}
+    names = [n for n in CURVE_ORDER if n in recorded] + sorted(recorded - set(CURVE_ORDER))
+    figure, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        steps = [s for s in sorted(points) if name in points[s]]
+        ax.plot(steps, [points[s][name] for s in steps], marker="o" if len(steps) < 30 else None, markersize=3)
+        ax.set_title(f"{stage}: {name.replace('_', ' ')}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    figure.tight_layout()
+    with atomic_write(png_path, "wb") as f:
+        figure.savefig(f, format="png", dpi=100)
+    plt.close(figure)
+
+
+def matplotlib_available():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# -----------------------------------------------------------------------------
 
 
 class Report:
@@ -103,23 +374,32 @@ class Report:
             f.write("\n".join(lines) + "\n\n")
         return path
 
-    def reset(self):
-        """Start a new run: remove old sections and write the header."""
-        for name in os.listdir(self.report_dir):
-            os.remove(os.path.join(self.report_dir, name))
+    def header(self):
         commit, branch, dirty = git_info()
-        header = [
+        size = code_size(code_files(), tokenizer=load_trained_tokenizer())
+        lines = [
             "# nanochat training report",
             "",
             f"Run started: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}",
             "",
             "## Environment",
-            f"- git: {commit} on {branch}{' (uncommitted changes)' if dirty else ''}",
+            f"- git: commit {commit}, branch {branch}, {'dirty (uncommitted changes)' if dirty else 'clean'}",
         ]
-        header += [f"- {key}: {value}" for key, value in hardware_info().items()]
-        with open(os.path.join(self.report_dir, "header.md"), "w", encoding="utf-8") as f:
-            f.write("\n".join(header) + "\n\n")
-        with open(os.path.join(self.report_dir, "start_time.txt"), "w") as f:
+        lines += [f"- {key}: {value}" for key, value in hardware_info().items()]
+        lines.append(f"- code: {format_code_size(size)}")
+        return "\n".join(lines) + "\n\n"
+
+    def reset(self):
+        """Start a new run: remove old sections and curves, write the header."""
+        for name in os.listdir(self.report_dir):
+            path = os.path.join(self.report_dir, name)
+            if os.path.isdir(path):  # report/curves/
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        with atomic_write(os.path.join(self.report_dir, "header.md"), "w", encoding="utf-8") as f:
+            f.write(self.header())
+        with atomic_write(os.path.join(self.report_dir, "start_time.txt"), "w", encoding="utf-8") as f:
             f.write(datetime.datetime.now().isoformat())
 
     def _sections(self):
@@ -132,8 +412,8 @@ class Report:
         with open(os.path.join(self.report_dir, name + ".md"), encoding="utf-8") as f:
             return f.read()
 
-    def summary_table(self):
-        """A metric x stage table of the headline numbers that exist so far."""
+    def summary_values(self):
+        """{(metric, stage): (value text, is a stand-in)} from the stages' evaluation sections."""
         values = {}
         for stage, sections in SUMMARY_STAGES.items():
             for section in sections:
@@ -143,38 +423,108 @@ class Report:
                 with open(path, encoding="utf-8") as f:
                     for line in f:
                         match = re.match(r"- ([^:]+): (.+)", line.strip())
-                        if match and match.group(1) in SUMMARY_METRICS:
-                            values[(match.group(1), stage)] = match.group(2)
-        if not values:
-            return ""
-        stages = [s for s in SUMMARY_STAGES if any((m, s) in values for m in SUMMARY_METRICS)]
-        rows = ["| Metric | " + " | ".join(s.upper() for s in stages) + " |", "|---" * (len(stages) + 1) + "|"]
-        for metric in SUMMARY_METRICS:
-            if any((metric, s) in values for s in stages):
-                rows.append(f"| {metric} | " + " | ".join(values.get((metric, s), "-") for s in stages) + " |")
-        return "## Summary\n\n" + "\n".join(rows) + "\n\n"
+                        if not match:
+                            continue
+                        key, value = match.groups()
+                        if key in SUMMARY_METRICS:
+                            values[(key, stage)] = (value, False)
+                            continue
+                        metric = STAND_IN_KEYS.get(key) or key.removesuffix(" (stand-in)")
+                        if metric in SUMMARY_METRICS and metric != key and (metric, stage) not in values:
+                            values[(metric, stage)] = (value, True)  # a real score of the same stage wins
+        return values
 
-    def generate(self, copy_to_cwd=True):
-        header_path = os.path.join(self.report_dir, "header.md")
-        parts = [open(header_path, encoding="utf-8").read()] if os.path.exists(header_path) else ["# nanochat training report\n\n"]
+    def summary_table(self):
+        """Every headline metric x every stage: '-' where a stage did not run or did not measure it."""
+        values = self.summary_values()
+        rows = ["| Metric | " + " | ".join(s.upper() for s in SUMMARY_STAGES) + " |", "|---" * (len(SUMMARY_STAGES) + 1) + "|"]
+        for metric in SUMMARY_METRICS:
+            cells = []
+            for stage in SUMMARY_STAGES:
+                value, stand_in = values.get((metric, stage), ("-", False))
+                cells.append(value + STAND_IN_MARK if stand_in else value)
+            rows.append(f"| {metric} | " + " | ".join(cells) + " |")
+        footnote = STAND_IN_FOOTNOTE + "\n\n" if any(stand_in for _, stand_in in values.values()) else ""
+        return "## Summary\n\n" + "\n".join(rows) + "\n\n" + footnote
+
+    def plot_curves(self):
+        """Draw report/<stage>_curves.png for each recorded stage -> [(stage, png path)], or None without matplotlib."""
+        directory = curves_dir(self.base_dir)
+        if not os.path.isdir(directory):
+            return []
+        if not matplotlib_available():
+            return None
+        plots = []
+        for name in sorted(os.listdir(directory)):
+            if not name.endswith(".jsonl"):
+                continue
+            stage = name[: -len(".jsonl")]
+            points = read_curve(os.path.join(directory, name))
+            if points:
+                png_path = os.path.join(self.report_dir, f"{stage}_curves.png")
+                plot_curve(stage, points, png_path)
+                plots.append((stage, png_path))
+        return plots
+
+    def curves_section(self, plots, image_dir):
+        """Markdown image links to the plots, relative to image_dir's parent (see generate)."""
+        if plots is None:
+            return f"## Training curves\n\n{PLOTS_HINT}\n\n"
+        if not plots:
+            return ""
+        links = [f"![{stage} training curves]({image_dir}/{os.path.basename(path)})" for stage, path in plots]
+        return "## Training curves\n\n" + "\n\n".join(links) + "\n\n"
+
+    def wall_time(self, markers):
+        """(seconds, how they were measured) or (None, reason)."""
+        if markers:
+            return sum(m["seconds"] for m in markers), f"sum of {len(markers)} stages"
         start_path = os.path.join(self.report_dir, "start_time.txt")
         if os.path.exists(start_path):
-            started = datetime.datetime.fromisoformat(open(start_path).read().strip())
-            hours = (datetime.datetime.now() - started).total_seconds() / 3600
-            parts.append(f"Total wall clock time: {hours:.2f} h\n\n")
-            import torch
+            with open(start_path, encoding="utf-8") as f:
+                try:
+                    started = datetime.datetime.fromisoformat(f.read().strip())
+                except ValueError:
+                    return None, "start_time.txt is unreadable"
+            return (datetime.datetime.now() - started).total_seconds(), "since `report reset`"
+        return None, "no `report reset` and no stage markers"
 
-            if torch.cuda.is_available():
-                gpus = torch.cuda.device_count()
-                parts.append(f"Estimated cost: ${hours * gpus * DOLLARS_PER_GPU_HOUR:,.2f} ({gpus} GPUs at ${DOLLARS_PER_GPU_HOUR}/GPU-hour)\n\n")
-        parts.append(self.summary_table())
-        parts.extend(self._read(name) for name in self._sections())
-        content = "".join(parts)
+    def generate(self, copy_to_cwd=True, hourly_rate=None, num_gpus=None):
+        """
+        Write <base dir>/report.md (and ./report.md). hourly_rate: $ per hour of an 8-GPU node (default
+        NANOCHAT_HOURLY_RATE or 24); num_gpus: the GPUs the run used (default: this machine's).
+        """
+        hourly_rate = hourly_rate_from_env() if hourly_rate is None else hourly_rate
+        num_gpus = gpu_count() if num_gpus is None else num_gpus
+        header_path = os.path.join(self.report_dir, "header.md")
+        if os.path.exists(header_path):
+            with open(header_path, encoding="utf-8") as f:
+                header = fill_pending_token_count(f.read())
+        else:
+            header = "# nanochat training report\n\n"
+        sections = "".join(self._read(name) for name in self._sections())
+        plots = self.plot_curves()
+        markers = read_stage_markers(os.path.join(self.base_dir, "speedrun_stages"))
+        seconds, measured = self.wall_time(markers)
+        ending = [stage_times_table(markers) if markers else "", self.summary_table()]
+        if seconds is None:
+            ending.append(f"Total wall clock time: unknown ({measured})\n\n")
+        else:
+            ending.append(f"Total wall clock time: {format_wall_time(seconds)} ({measured})\n\n")
+            ending.append(cost_line(seconds / 3600, num_gpus, hourly_rate) + "\n")
+
+        def render(image_dir):
+            return header + sections + self.curves_section(plots, image_dir) + "".join(ending)
+
         out_path = os.path.join(self.base_dir, "report.md")
         with atomic_write(out_path, "w", encoding="utf-8") as f:
-            f.write(content)
+            f.write(render("report"))  # report.md sits beside report/, so the link is relative and survives a move of the base dir
         if copy_to_cwd and os.path.abspath(os.getcwd()) != os.path.abspath(self.base_dir):
-            shutil.copyfile(out_path, "report.md")
+            # the copy links to the PNGs where they are, by absolute path, rather than copying them into the
+            # current directory (the repository, for speedrun.sh): untracked PNGs there would mark the next run's
+            # git state dirty. To share the report card elsewhere, take <base dir>/report.md with <base dir>/report/.
+            with atomic_write("report.md", "w", encoding="utf-8") as f:
+                f.write(render(self.report_dir))
         return out_path
 
 
@@ -192,15 +542,26 @@ def get_report():
     return Report() if get_dist_info()[1] == 0 else DummyReport()
 
 
-if __name__ == "__main__":
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Manage the nanochat report card")
     parser.add_argument("command", choices=["reset", "generate"], help="reset: start a new run; generate: assemble report.md")
-    args = parser.parse_args()
+    parser.add_argument("--hourly-rate", type=float, default=None,
+                        help=f"$ per hour of an 8xH100 node, for the cost line (default: $NANOCHAT_HOURLY_RATE or {DEFAULT_NODE_HOURLY_RATE:g})")
+    args = parser.parse_args(argv)
     report = Report()
     if args.command == "reset":
         report.reset()
         print(f"Report reset in {report.report_dir}")
     else:
-        path = report.generate()
+        try:
+            rate = args.hourly_rate if args.hourly_rate is not None else hourly_rate_from_env()
+        except ValueError:
+            parser.error(f"NANOCHAT_HOURLY_RATE must be a number of dollars (got {os.environ['NANOCHAT_HOURLY_RATE']!r})")
+        if not (math.isfinite(rate) and rate >= 0):
+            parser.error(f"the hourly rate must be a non-negative number of dollars (got {rate})")
+        path = report.generate(hourly_rate=rate)
         print(f"Report written to {path} (and ./report.md)")
-    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,15 @@ Pretrain the base model. One dial, --depth, sets the size; the horizon defaults 
 
 Distributed training needs no DDP wrapper: the optimizers (nanochat/optim.py) reduce-scatter the
 gradients themselves, each rank updates its shard, and all-gather the result.
+
+How long to train: Chinchilla (Hoffmann et al. 2022) fitted loss against model size and tokens and found
+that for a fixed compute budget the best model sees ~20 tokens per parameter; fewer and a smaller model
+would have done better, more and a bigger one would. So the horizon is not a separate knob: --depth
+fixes the parameters, 20 x parameters is the token budget, and the steps are that budget divided by the
+tokens per step. --target-flops instead fixes the compute (6 N D FLOPs for N parameters and D tokens).
+
+The learning rate schedule is warmup-stable-decay: flat at the peak, then a linear decay to 0 over the
+last 20% of the steps; the loss drops sharply during the decay (Hägele et al. 2024 study this schedule).
 """
 import argparse
 import dataclasses
@@ -23,7 +32,7 @@ from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (StepLogger, add_optimizer_args, add_training_args, check_training_args, get_grad_accum_steps,
                                get_lr_multiplier, get_muon_momentum, init_compute, is_due, maybe_compile, resume_if_asked,
-                               run_training_loop, save_training_state, setup_optimizers, train_step)
+                               record_curve_point, run_training_loop, save_training_state, setup_optimizers, train_step)
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
                   "The opposite of hot is", "The planets of the solar system are:", "My favorite color is"]
@@ -40,6 +49,8 @@ parser.add_argument("--value-embeds", type=int, default=1, choices=[0, 1],
 # horizon: the first of these that is > 0 wins (--num-iterations, then these)
 parser.add_argument("--target-flops", type=float, default=-1.0, help="train for this many FLOPs (-1 = off)")
 parser.add_argument("--target-param-data-ratio", type=float, default=20.0, help="tokens per parameter (Chinchilla = 20)")
+# 2^19 = 524,288 tokens per step: 8 GPUs x 32 rows x 2048 tokens in one micro-step, with gradient accumulation
+# making up the difference on fewer devices, so the optimisation is the same on 1 GPU or 8, only slower
 parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, over all ranks and micro-steps")
 # optimization
 add_optimizer_args(parser)  # --embedding-lr --unembedding-lr --matrix-lr --weight-decay
@@ -88,6 +99,7 @@ if args.num_iterations > 0:
 elif args.target_flops > 0:
     num_iterations = round(args.target_flops / (flops_per_token * tokens_per_step))
 elif args.target_param_data_ratio > 0:
+    # Chinchilla: tokens = ratio x parameters, rounded down to whole steps
     num_iterations = int(args.target_param_data_ratio * num_scaling_params) // tokens_per_step
 else:
     parser.error("set one of --num-iterations, --target-flops, --target-param-data-ratio to a positive value")
@@ -97,6 +109,7 @@ try:
     grad_accum_steps = get_grad_accum_steps(args.total_batch_size, args.device_batch_size, args.max_seq_len, compute.world_size)
 except ValueError as e:
     parser.error(str(e))
+# the same number of validation tokens whatever the batch layout, so val bpb is comparable across runs
 eval_steps = args.eval_tokens // (args.device_batch_size * args.max_seq_len * compute.world_size)
 if eval_steps < 1:
     parser.error(f"--eval-tokens {args.eval_tokens} is less than one batch over all ranks "
@@ -144,7 +157,7 @@ def print_samples():
 # -----------------------------------------------------------------------------
 # the loop
 
-logger = StepLogger(compute, num_iterations, flops_per_token, resumed_meta=meta)
+logger = StepLogger(compute, num_iterations, flops_per_token, resumed_meta=meta, stage="base")
 val_bpb, min_val_bpb = meta.get("val_bpb"), meta.get("min_val_bpb", float("inf"))
 initial_val_bpb = None
 
@@ -156,6 +169,7 @@ def evaluate(step):
     initial_val_bpb = val_bpb if initial_val_bpb is None else initial_val_bpb
     print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
     compute.wandb.log({"step": step, "val/bpb": val_bpb})
+    record_curve_point("base", step, val_bpb=val_bpb)
     if compute.master_process and is_due(step, args.sample_every, step == num_iterations):
         print_samples()
 

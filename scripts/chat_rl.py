@@ -27,7 +27,7 @@ from nanochat.rl import policy_gradient_batches, sample_group
 from nanochat.task_eval import all_reduce_sums, run_generative_eval
 from nanochat.training import (StepLogger, add_optimizer_args, add_training_args, check_training_args, get_muon_momentum,
                                init_compute, load_source_model, resume_if_asked, run_training_loop, save_training_state,
-                               setup_optimizers, train_step)
+                               record_curve_point, setup_optimizers, train_step)
 from tasks.arithmetic import Arithmetic
 from tasks.common import use_stand_ins
 from tasks.gsm8k import GSM8K
@@ -55,6 +55,8 @@ parser.add_argument("--step", type=int, default=None, help="source checkpoint st
 parser.add_argument("--examples-per-step", type=int, default=16, help="questions per optimizer step, over all ranks")
 parser.add_argument("--num-samples", type=int, default=16, help="completions sampled per question (the group)")
 parser.add_argument("--max-new-tokens", type=int, default=256, help="longest completion, in tokens")
+# temperature 1: rollouts come from the model's own distribution, the one whose log-probabilities the policy
+# gradient raises or lowers (top-k only cuts its far tail); a group also needs diverse samples to compare
 parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts and of pass@k")
 parser.add_argument("--top-k", type=int, default=50, help="top-k of the rollouts and of pass@k (0 = off)")
 parser.add_argument("--divide-by-std", action="store_true", help="divide each group's advantages by its reward std (GRPO)")
@@ -97,7 +99,7 @@ engine = Engine(model, tokenizer)
 question_order = list(range(len(train_task)))
 random.Random(args.seed).shuffle(question_order)  # the same order on every rank and every resume
 
-logger = StepLogger(compute, num_iterations, model.estimate_flops(), resumed_meta=meta)
+logger = StepLogger(compute, num_iterations, model.estimate_flops(), resumed_meta=meta, stage="rl")
 history = meta.get("history", {})  # step -> {metric: value}, kept across resumes
 last_stats = {}
 
@@ -114,6 +116,7 @@ def evaluate(step):
     history[str(step)] = metrics
     print0(f"step {step:05d} | " + " | ".join(f"{key} {value:.4f}" for key, value in metrics.items()) + f" ({int(total)} held-out problems)")
     compute.wandb.log({"step": step, **{f"val/{key}": value for key, value in metrics.items()}})
+    record_curve_point("rl", step, **metrics)
 
 
 def step_fn(step, lr_multiplier):
@@ -127,10 +130,12 @@ def step_fn(step, lr_multiplier):
             group = sample_group(engine, tokenizer, train_task, train_task[index], args.num_samples, args.max_new_tokens,
                                  args.temperature, args.top_k, seed=(args.seed * 1_000_003 + step) * 1_000_003 + index,
                                  divide_by_std=args.divide_by_std)
+            # all right or all wrong: every advantage is 0, the group costs sampling time and teaches nothing
             flat_groups += len({rollout.reward for rollout in group}) == 1
             rollouts += group
     model.train()
     sampled_at = time.time()
+    # one optimizer step over all of this step's rollouts (micro-batches of device_batch_size rows): strictly on-policy
     batches = policy_gradient_batches(rollouts, args.device_batch_size, tokenizer.get_bos_token_id(), compute.device)
     loss, positions = train_step(model, optimizers, iter(batches), len(batches), compute.autocast, lr_multiplier,
                                  get_muon_momentum(step))
@@ -143,6 +148,7 @@ def step_fn(step, lr_multiplier):
                        "tool calls": tool_calls / rows, "sampling share": sampling_time / (sampling_time + learning_time),
                        "rollout tok/s": length / max(sampling_time / compute.world_size, 1e-9)})
     compute.wandb.log({"step": step + 1, **{f"rl/{key.replace(' ', '_')}": value for key, value in last_stats.items()}})
+    record_curve_point("rl", step + 1, reward=last_stats["reward"])
     return torch.tensor(loss), positions
 
 

@@ -23,7 +23,7 @@ from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import (StepLogger, add_optimizer_args, add_training_args, check_training_args, get_grad_accum_steps,
                                get_lr_multiplier, get_muon_momentum, init_compute, load_source_model, maybe_compile, resume_if_asked,
-                               run_training_loop, save_training_state, setup_optimizers, train_step)
+                               record_curve_point, run_training_loop, save_training_state, setup_optimizers, train_step)
 from tasks.arithmetic import Arithmetic
 from tasks.chatterbot import ChatterbotConversations
 from tasks.common import TaskMixture, use_stand_ins
@@ -38,6 +38,9 @@ from tasks.wordnet_mc import WordNetMC
 
 def mid_mixture(stand_ins, stand_in_size):
     """(train mixture, held-out mixture, description). Listing a task twice oversamples it."""
+    # each task teaches one thing the base model cannot do yet: SmolTalk the turn structure of general
+    # chat, MMLU answering with a letter, GSM8K calling the calculator, identity who it is, the spelling
+    # tasks looking inside tokens (a model sees "strawberry" as a few tokens, not ten letters)
     identity = CustomJSON(identity_conversations_path())
     if not stand_ins:
         train = TaskMixture([SmolTalk("train"), MMLU("auxiliary_train", "train"), GSM8K("main", "train"), identity, identity,
@@ -57,6 +60,7 @@ def mid_mixture(stand_ins, stand_in_size):
 
 def estimate_tokens(dataset, tokenizer, max_tokens, samples=2000):
     """Tokens in one pass over dataset, from an evenly spaced sample of its conversations (exact when small)."""
+    # rendering every conversation of a large mixture just to count its tokens would take minutes
     indexes = range(0, len(dataset), max(1, len(dataset) // samples))
     lengths = [len(render_at(dataset, i, tokenizer, max_tokens)[0]) for i in indexes]
     return sum(lengths) / len(lengths) * len(dataset)
@@ -71,7 +75,7 @@ parser.add_argument("--num-epochs", type=float, default=1.0, help="passes over t
 parser.add_argument("--warmdown-ratio", type=float, default=0.2, help="the lr holds, then decays to 0 over this last fraction")
 parser.add_argument("--eval-tokens", type=int, default=20 * 524288, help="held-out tokens per evaluation (at most one pass)")
 parser.add_argument("--stand-in-size", type=int, default=20_000, help="offline only: examples per stand-in task")
-parser.set_defaults(max_seq_len=-1, eval_every=150)
+parser.set_defaults(max_seq_len=-1, eval_every=150)  # -1: rows as long as the base model's context
 args = parser.parse_args()
 check_training_args(parser, args, positive=("device_batch_size", "total_batch_size", "eval_tokens"))
 user_config = dict(vars(args))
@@ -113,7 +117,7 @@ model = maybe_compile(model, compute, args.compile)
 train_loader = ConversationLoader(train_data, tokenizer, args.device_batch_size, seq_len, device=compute.device,
                                   resume_state=loader_state)
 
-logger = StepLogger(compute, num_iterations, flops_per_token, resumed_meta=meta)
+logger = StepLogger(compute, num_iterations, flops_per_token, resumed_meta=meta, stage="mid")
 val_bpbs = meta.get("val_bpbs", {})  # step -> val bpb, kept across resumes
 
 
@@ -125,6 +129,7 @@ def evaluate(step):
     model.train()
     print0(f"step {step:05d} | val bpb {val_bpbs[str(step)]:.4f} (held-out conversations)")
     compute.wandb.log({"step": step, "val/bpb": val_bpbs[str(step)]})
+    record_curve_point("mid", step, val_bpb=val_bpbs[str(step)])
 
 
 def save(step):
