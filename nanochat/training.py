@@ -6,6 +6,8 @@ The one idea worth reading twice is train_step's loss normalisation: the loss of
 every target token the step saw, on every rank, whatever the micro-batch split (see its docstring).
 """
 import dataclasses
+import json
+import os
 import time
 from dataclasses import dataclass
 
@@ -13,8 +15,9 @@ import torch
 import torch.distributed as dist
 
 from nanochat.artifacts import DamagedArtifactError
-from nanochat.checkpoint_manager import find_last_step, load_checkpoint, save_checkpoint
-from nanochat.common import COMPUTE_DTYPES, autocast_context, compute_init, get_compute_dtype, get_wandb, print0
+from nanochat.checkpoint_manager import find_last_step, list_whole_steps, load_checkpoint, save_checkpoint
+from nanochat.common import COMPUTE_DTYPES, autocast_context, compute_init, get_compute_dtype, get_dist_info, get_wandb, print0
+from nanochat.report import curves_dir
 
 # dense bf16 tensor-core peak FLOP/s by GPU name (substring match, most specific first); used for MFU
 GPU_BF16_PEAK_FLOPS = [
@@ -160,6 +163,8 @@ def add_training_args(parser):
     parser.add_argument("--save-every", type=int, default=-1, help="save a checkpoint every N steps (-1 = only at the end)")
     parser.add_argument("--resume-from-step", type=int, default=None, help="resume from this saved step of this stage (-1 = the latest)")
     parser.add_argument("--resume", action="store_true", help="resume from the latest saved step (same as --resume-from-step -1)")
+    parser.add_argument("--resume-if-saved", action="store_true",
+                        help="resume from the latest saved step when this stage has one, else start fresh (what speedrun.sh passes)")
 
 
 def add_optimizer_args(parser):
@@ -298,15 +303,34 @@ def run_training_loop(start_step, num_iterations, step_fn, logger, evaluate, sav
         logger.log(step, loss, tokens, multiplier, extra_log() if extra_log else None)
 
 
+def record_curve_point(stage, step, **values):
+    """
+    Append {"step": step, **values} as one JSON line to <base dir>/report/curves/<stage>.jsonl (rank 0 only),
+    for the report's training-curve plots. An append, not an atomic artifact: a crash loses at most the line
+    being written, and a resumed run simply records its steps again (the report keeps each step's last value).
+    Names are stored with underscores ("val bpb" -> "val_bpb"), so a script can pass its metrics dict as it is.
+    """
+    if get_dist_info()[1] != 0:
+        return
+    point = {"step": step, **{name.replace(" ", "_"): float(value) for name, value in values.items()}}
+    os.makedirs(curves_dir(), exist_ok=True)
+    with open(os.path.join(curves_dir(), f"{stage}.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(point) + "\n")
+
+
 class StepLogger:
     """
     The per-step log line (loss, smoothed loss, lr, step time, tok/s, MFU, elapsed, ETA), wandb logging,
     and the running figures a report needs. Times cover training steps only (evals and saves are left out).
     """
 
-    def __init__(self, compute, num_iterations, flops_per_token, resumed_meta=None, ema_beta=0.9):
-        """resumed_meta: the meta of the checkpoint a run resumed from, whose time and smoothed loss carry on."""
+    def __init__(self, compute, num_iterations, flops_per_token, resumed_meta=None, ema_beta=0.9, stage=None):
+        """
+        resumed_meta: the meta of the checkpoint a run resumed from, whose time and smoothed loss carry on.
+        stage: the name of the report's training curve ("base", "mid", "sft", "rl"); None records none.
+        """
         self.compute, self.num_iterations, self.flops_per_token = compute, num_iterations, flops_per_token
+        self.stage = stage
         self.peak_flops = get_peak_flops(compute.device)
         self.timer = StepTimer(compute.device)
         resumed_meta = resumed_meta or {}
@@ -334,6 +358,8 @@ class StepLogger:
                f"(smooth {debiased:.4f}) | lrm {lr_multiplier:.2f} | dt {timer.last * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | "
                f"mfu {f'{mfu:.1f}%' if mfu is not None else 'n/a'}{extra_text} | elapsed {format_duration(self.total_time)} | "
                f"eta {format_duration(timer.eta(self.num_iterations - step - 1))}")
+        if self.stage is not None:
+            record_curve_point(self.stage, step + 1, train_loss=loss)  # step + 1: steps done, the count evaluations use
         self.compute.wandb.log({"step": step + 1, "train/loss": loss, "train/lrm": lr_multiplier, "train/tok_per_sec": tok_per_sec,
                                 "train/mfu": mfu if mfu is not None else 0.0})
 
@@ -382,6 +408,13 @@ def load_source_model(parser, source, args, compute):
 
 def resume_if_asked(parser, args, checkpoint_dir, model, optimizers, compute, hint=""):
     """(start step, loader state, meta) from --resume-from-step when it was given, else a fresh start (0, None, {})."""
+    if args.resume_from_step is None and getattr(args, "resume_if_saved", False):
+        # an interrupted speedrun picks up where it stopped; a stage never run before starts fresh
+        whole_steps = list_whole_steps(checkpoint_dir)  # a save cut short by the interruption is passed over
+        if whole_steps:
+            args.resume_from_step = whole_steps[-1]
+        else:
+            print0(f"no saved step in {checkpoint_dir}: starting fresh")
     if args.resume_from_step is None:
         return 0, None, {}
     try:

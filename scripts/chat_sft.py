@@ -25,7 +25,7 @@ from nanochat.task_eval import all_reduce_counts, run_categorical_eval, turn_end
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import (StepLogger, add_optimizer_args, add_training_args, check_training_args, get_muon_momentum,
                                init_compute, load_source_model, maybe_compile, resume_if_asked, run_training_loop, save_training_state,
-                               setup_optimizers, train_step)
+                               record_curve_point, setup_optimizers, train_step)
 from tasks.arc import ARC
 from tasks.arithmetic import Arithmetic
 from tasks.chatterbot import ChatterbotConversations
@@ -68,7 +68,8 @@ parser.add_argument("--examples-per-step", type=int, default=32, help="conversat
 parser.add_argument("--num-epochs", type=float, default=1.0, help="passes over the mixture when --num-iterations is -1")
 parser.add_argument("--init-lr-frac", type=float, default=0.02, help="every lr starts at this fraction of pretraining's, then decays linearly to 0")
 parser.add_argument("--eval-steps", type=int, default=100, help="held-out micro-batches per val loss evaluation (at most one pass)")
-parser.add_argument("--eval-max-problems", type=int, default=256, help="multiple-choice problems per accuracy evaluation")
+parser.add_argument("--eval-max-problems", type=int, default=256,
+                    help="multiple-choice problems per accuracy evaluation (and at most 32 prompts for the turn-end check)")
 parser.add_argument("--stand-in-size", type=int, default=5_000, help="offline only: examples per stand-in task")
 parser.set_defaults(device_batch_size=4, max_seq_len=-1, eval_every=100)
 args = parser.parse_args()
@@ -98,6 +99,8 @@ grad_accum_steps = args.examples_per_step // rows_per_micro_step
 num_iterations = args.num_iterations if args.num_iterations > 0 else max(1, int(args.num_epochs * len(train_data)) // args.examples_per_step)
 print0(f"steps: {num_iterations:,} | conversations per step: {args.examples_per_step} | grad accumulation: {grad_accum_steps}")
 
+# 2% of pretraining's learning rates: SFT's few thousand conversations should adjust the model, not
+# overwrite what pretraining put there (large steps on a small dataset overfit it and forget the rest)
 optimizers = setup_optimizers(model, args, compute, lr_scale=args.init_lr_frac)
 checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", model_tag)
 start_step, loader_state, meta = resume_if_asked(parser, args, checkpoint_dir, model, optimizers, compute)
@@ -106,9 +109,9 @@ model = maybe_compile(model, compute, args.compile, dynamic=True)  # row lengths
 train_loader = SFTLoader(train_data, tokenizer, args.device_batch_size, max_seq_len, grad_accum_steps, device=compute.device,
                          resume_state=loader_state)
 
-logger = StepLogger(compute, num_iterations, flops_per_token, resumed_meta=meta)
+logger = StepLogger(compute, num_iterations, flops_per_token, resumed_meta=meta, stage="sft")
 history = meta.get("history", {})  # step -> {metric: value}, kept across resumes
-turn_end_prompts = [val_data[i] for i in range(min(32, len(val_data)))]
+turn_end_prompts = [val_data[i] for i in range(min(32, args.eval_max_problems, len(val_data)))]
 
 
 def measure_turn_ends():
@@ -122,6 +125,7 @@ def measure_turn_ends():
     return f"{ended}/{total}"
 
 
+# the source model's rate, measured once and kept in the checkpoint meta, so a resumed run compares against it too
 source_turn_ends = meta.get("source_turn_ends") or measure_turn_ends()
 print0(f"{args.source} model: replies ending with <|assistant_end|> within 96 tokens: {source_turn_ends}")
 
@@ -139,6 +143,7 @@ def evaluate(step):
     history[str(step)] = metrics
     print0(f"step {step:05d} | " + " | ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
     compute.wandb.log({"step": step, **{f"val/{key}": value for key, value in metrics.items()}})
+    record_curve_point("sft", step, **metrics)
 
 
 def save(step):
@@ -154,6 +159,7 @@ def step_fn(step, lr_multiplier):
     return train_step(model, optimizers, train_loader, grad_accum_steps, compute.autocast, lr_multiplier, get_muon_momentum(step))
 
 
+# no warmup and no flat phase: the lr starts low already and decays linearly to 0
 run_training_loop(start_step, num_iterations, step_fn, logger, evaluate, save, args.eval_every, args.save_every,
                   lambda step: 1.0 - step / num_iterations,
                   extra_log=lambda: {"padded": f"{100 * train_loader.padded_fraction:.0f}%", "epoch": f"{train_loader.epoch_progress:.2f}"})
