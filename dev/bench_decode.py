@@ -1,21 +1,27 @@
 """
 Decode speed of the engine: tokens/s at batch 1 and 8, with the KV cache (Engine.generate) and
-without it (GPT.generate-style full recompute of the whole sequence every step), plus the ratio.
+without it (GPT.generate-style full recompute of the whole sequence every step), plus the ratio;
+the same through the server's continuous-batching scheduler (rows at their own positions, padded
+to a multiple of 4); for each weight dtype asked for, against the memory-bandwidth limit
+(measured read bandwidth / bytes of weights read per token).
 
 A random-init model is fine: decode speed does not depend on the weights. Sampling is greedy
 with stops disabled (the end tokens are out of the random model's reach), so every run decodes
 exactly --max-tokens tokens.
 
-    python -m dev.bench_decode                      # CPU, depth 4, vocab 8192, fp32
-    python -m dev.bench_decode --device cuda --depth 20 --vocab-size 65536   # on a GPU (bf16 autocast)
+    python -m dev.bench_decode                      # CPU, depth 4, vocab 8192, fp32 and bf16 weights
+    python -m dev.bench_decode --device cuda --depth 20 --vocab-size 65536 --dtypes bfloat16   # on a GPU
 """
 import argparse
+import copy
+import threading
 import time
 
 import torch
 
-from nanochat.engine import Engine, prepare_for_inference
+from nanochat.engine import Engine
 from nanochat.gpt import GPT, model_config_from_depth
+from nanochat.scheduler import GenerationRequest, Scheduler
 
 parser = argparse.ArgumentParser(description="KV-cache decode benchmark")
 parser.add_argument("--depth", type=int, default=4, help="model depth (the single size dial)")
@@ -26,6 +32,7 @@ parser.add_argument("--device", type=str, default="cpu", help="cpu | cuda | mps"
 parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (the best is reported)")
 parser.add_argument("--skip-naive", action="store_true", help="skip the no-cache baseline (slow for big models)")
+parser.add_argument("--dtypes", type=str, default="float32,bfloat16", help="comma-separated weight dtypes to measure")
 args = parser.parse_args()
 torch.set_num_threads(args.threads)
 device = torch.device(args.device)
@@ -45,6 +52,29 @@ class SpecialTokensOnly:
     def get_bos_token_id(self):
         return self.ids["<|bos|>"]
 
+    def get_special_tokens(self):
+        return set(self.ids)
+
+    def decode(self, ids):  # the scheduler turns tokens into text as it goes; any text will do here
+        return "x" * len(ids)
+
+
+def read_bandwidth_gbs():
+    """Memory read bandwidth: the best of a few sums over 512 MB (far past any cache)."""
+    data = torch.ones(128 * 2**20, dtype=torch.float32, device=device)
+    best = float("inf")
+    for _ in range(5):
+        sync()
+        t0 = time.perf_counter()
+        data.sum().item()
+        best = min(best, time.perf_counter() - t0)
+    return data.numel() * 4 / best / 1e9
+
+
+def sync():
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
 
 config = model_config_from_depth(args.depth, args.vocab_size, sequence_len=2048)
 with torch.device("meta"):
@@ -55,22 +85,14 @@ model.init_weights()
 with torch.no_grad():
     for p in model.parameters():
         p.normal_(0, 0.02)
-model = prepare_for_inference(model)  # bf16 weights on a GPU, as chat_cli/chat_web serve them
-num_params = model.num_params()
-weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
-                   if p is not model.transformer.wte.weight)  # the embedding is a lookup: one row per token
-print(f"depth {args.depth}, width {config.n_embd}, vocab {args.vocab_size}, {num_params / 1e6:.1f}M params, "
-      f"{weight_bytes / 1e6:.0f} MB of weights read per decode step, device {device}, threads {args.threads}")
-engine = Engine(model, SpecialTokensOnly(args.vocab_size))
+model.eval()
+bandwidth = read_bandwidth_gbs()
+print(f"depth {args.depth}, width {config.n_embd}, vocab {args.vocab_size}, {model.num_params() / 1e6:.1f}M params, "
+      f"device {device}, threads {args.threads}, read bandwidth {bandwidth:.1f} GB/s")
 prompt = torch.randint(0, args.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
-def sync():
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_engine(batch_size):
+def time_engine(engine, batch_size):
     best = float("inf")
     for _ in range(args.repeats + 1):  # the first run warms up allocator and kernels
         sync()
@@ -84,8 +106,24 @@ def time_engine(batch_size):
     return batch_size * steps / best
 
 
+def time_scheduler(scheduler, batch_size):
+    """batch_size requests submitted together: each its own row (own prefill, own slot), as the web server runs them."""
+    best = float("inf")
+    for _ in range(args.repeats + 1):
+        done = threading.Semaphore(0)
+        requests = [GenerationRequest(prompt=prompt, max_tokens=args.max_tokens, temperature=0.0,
+                                      emit=lambda *event: event[0] == "end" and done.release()) for _ in range(batch_size)]
+        t0 = time.perf_counter()
+        for request in requests:
+            scheduler.submit(request)
+        for _ in requests:
+            done.acquire()
+        best = min(best, time.perf_counter() - t0)
+    return batch_size * args.max_tokens / best
+
+
 @torch.inference_mode()
-def time_naive(batch_size):
+def time_naive(engine, batch_size):
     # the no-cache baseline: recompute the whole sequence for every new token (what GPT.generate does)
     autocast = engine._autocast(device)
     best = float("inf")
@@ -95,7 +133,7 @@ def time_naive(batch_size):
         t0 = time.perf_counter()
         for _ in range(args.max_tokens):
             with autocast:
-                logits = model(ids)[:, -1, :]
+                logits = engine.model(ids)[:, -1, :]
             next_ids = torch.argmax(logits, dim=-1, keepdim=True)
             next_ids.tolist()  # the engine also looks at every token on the host
             ids = torch.cat([ids, next_ids], dim=1)
@@ -104,12 +142,21 @@ def time_naive(batch_size):
     return batch_size * args.max_tokens / best
 
 
-for batch_size in (1, 8):
-    cached = time_engine(batch_size)
-    line = f"batch {batch_size}: KV cache {cached:8.1f} tok/s"
-    if not args.skip_naive:
-        naive = time_naive(batch_size)
-        line += f" | no cache {naive:8.1f} tok/s | ratio {cached / naive:5.1f}x"
-    if batch_size == 1:
-        line += f" | {weight_bytes * cached / 1e9:.1f} GB/s of weight reads"
-    print(line, flush=True)
+for dtype_name in args.dtypes.split(","):
+    typed_model = copy.deepcopy(model).to(getattr(torch, dtype_name))  # the inference copy, as prepare_for_inference makes it
+    weight_bytes = sum(p.numel() * p.element_size() for p in typed_model.parameters()
+                       if p is not typed_model.transformer.wte.weight)  # the embedding is a lookup: one row per token
+    limit = bandwidth * 1e9 / weight_bytes
+    print(f"{dtype_name}: {weight_bytes / 1e6:.0f} MB of weights read per decode step: bandwidth limit {limit:.0f} tok/s at batch 1")
+    engine = Engine(typed_model, SpecialTokensOnly(args.vocab_size))
+    scheduler = Scheduler([engine], max_batch=8, queue_size=8)
+    for batch_size in (1, 8):
+        cached = time_engine(engine, batch_size)
+        line = f"  batch {batch_size}: KV cache {cached:8.1f} tok/s"
+        if not args.skip_naive:
+            naive = time_naive(engine, batch_size)
+            line += f" | no cache {naive:8.1f} tok/s | ratio {cached / naive:5.1f}x"
+        line += f" | scheduler {time_scheduler(scheduler, batch_size):8.1f} tok/s"
+        if batch_size == 1:
+            line += f" | {weight_bytes * cached / 1e9:.1f} GB/s of weight reads, {cached / limit:.0%} of the limit"
+        print(line, flush=True)

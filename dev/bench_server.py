@@ -3,11 +3,17 @@ Web server under load: N concurrent streaming clients on loopback, each sending 
 Reports throughput (requests/s, generated tokens/s) and time-to-first-token p50/p99, with 1 client
 as the baseline in the same run. Load is bounded: every client waits for its reply before the next.
 
-    python -m dev.bench_server                      # starts its own server on a tiny random model
+    python -m dev.bench_server                      # starts its own server on a random depth-4 model
     python -m dev.bench_server --url http://127.0.0.1:8000 --clients 1,4,16   # an already running server
 
 Without --url it writes a random checkpoint (depth --depth) and tokenizer into a temp
 NANOCHAT_BASE_DIR and starts `scripts.chat_web` on a free port.
+
+Before/after in one run: --before-script starts an older chat_web.py on the same checkpoint first, loads it
+the same way, then the current server, and prints the current server's figures against it
+
+    git show c44f5ea:scripts/chat_web.py > /tmp/old_chat_web.py   # one request at a time per replica
+    python -m dev.bench_server --before-script /tmp/old_chat_web.py
 
 Memory under a huge upload instead: stream 1 GB (chunked, no Content-Length) and print the server's peak RSS
 
@@ -30,19 +36,22 @@ import httpx
 
 parser = argparse.ArgumentParser(description="chat_web throughput and first-token latency")
 parser.add_argument("--url", type=str, default=None, help="benchmark this running server instead of starting one")
-parser.add_argument("--clients", type=str, default="1,4,8", help="comma-separated concurrent client counts")
+parser.add_argument("--clients", type=str, default="1,4,8,16", help="comma-separated concurrent client counts")
 parser.add_argument("--requests-per-client", type=int, default=4, help="requests each client sends, one after another")
 parser.add_argument("--max-tokens", type=int, default=64, help="tokens per reply")
-parser.add_argument("--depth", type=int, default=2, help="depth of the random model the self-started server uses")
+parser.add_argument("--depth", type=int, default=4, help="depth of the random model the self-started server uses")
+parser.add_argument("--max-batch", type=int, default=16, help="--max-batch of the self-started (current) server")
 parser.add_argument("--threads", type=int, default=2, help="torch threads of the self-started server")
 parser.add_argument("--upload-mb", type=int, default=0,
                     help="instead of the load test: stream this many MB as one request body and print the server's peak RSS")
 parser.add_argument("--server-script", type=str, default=None,
                     help="start this file as the server instead of scripts.chat_web (e.g. an older chat_web.py, to compare)")
+parser.add_argument("--before-script", type=str, default=None,
+                    help="also load this older chat_web.py (first, same checkpoint) and print ratios against it")
 args = parser.parse_args()
 
 
-def start_server():
+def write_checkpoint():
     import torch
     from nanochat.checkpoint_manager import save_checkpoint
     from nanochat.gpt import GPT, model_config_from_depth
@@ -63,12 +72,17 @@ def start_server():
             model.lm_head.weight[tokenizer.encode_special(name)] = 0.0
     save_checkpoint(os.path.join(base_dir, "chatsft_checkpoints", f"d{args.depth}"), 1, model.state_dict(), None,
                     {"model_config": dataclasses.asdict(config)})
+    return base_dir
+
+
+def start_server(base_dir, script=None):
+    """chat_web (or an older `script`) on a free port; only the current server gets --max-batch."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "NANOCHAT_BASE_DIR": base_dir, "PYTHONPATH": repo_root}  # a --server-script imports nanochat too
-    server = [args.server_script] if args.server_script else ["-m", "scripts.chat_web"]
+    server = [script] if script else ["-m", "scripts.chat_web", "--max-batch", str(args.max_batch)]
     process = subprocess.Popen([sys.executable, *server, "--host", "127.0.0.1", "--port", str(port),
                                 "--device-type", "cpu", "--threads", str(args.threads), "--queue-size", "1000"], env=env)
     url = f"http://127.0.0.1:{port}"
@@ -150,32 +164,49 @@ def measure_upload(url, pid):
     print(f"server RSS: {rss_before:.0f} MB before, {peak[0]:.0f} MB peak ({peak[0] - rss_before:+.0f} MB)")
 
 
+def load_test(url, name, before=None):
+    """Warm up, then each client count in turn; with `before` (the older server's results) print the ratios."""
+    stats = httpx.get(url + "/stats").json()
+    replicas = stats.get("replicas", stats.get("workers_total"))  # older servers said workers
+    print(f"{name}: server {url}, {replicas} replica(s), max batch {stats.get('max_batch', 1)}, {args.max_tokens} tokens "
+          f"per reply, {args.requests_per_client} requests per client", flush=True)
+    asyncio.run(run_load(url, 1))  # warm-up
+    results = {}
+    for num_clients in [int(c) for c in args.clients.split(",")]:
+        result = results[num_clients] = asyncio.run(run_load(url, num_clients))
+        baseline = results[min(results)]
+        line = (f"{num_clients:3d} clients: {result['requests_per_s']:6.2f} req/s  {result['tokens_per_s']:8.1f} tok/s "
+                f"({result['tokens_per_s'] / baseline['tokens_per_s']:.2f}x the {min(results)}-client rate)  "
+                f"first token p50 {result['p50_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms  ({result['requests']} requests)")
+        if before is not None and num_clients in before:
+            line += f"  | vs before: {result['tokens_per_s'] / before[num_clients]['tokens_per_s']:.2f}x tok/s"
+        print(line, flush=True)
+    print(f"{name} server stats: {httpx.get(url + '/stats').json()}", flush=True)
+    return results
+
+
 def main():
     if args.upload_mb and args.url:
         raise SystemExit("--upload-mb reads the server's memory from /proc: leave out --url so it starts its own")
-    process = None
-    url = args.url
-    if url is None:
-        url, process = start_server()
+    if args.url:
+        return load_test(args.url, "server")
+    base_dir = write_checkpoint()
+    before = None
+    if args.before_script:
+        url, process = start_server(base_dir, args.before_script)
+        try:
+            before = load_test(url, "before")
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+    url, process = start_server(base_dir, args.server_script)
     try:
         if args.upload_mb:
             return measure_upload(url, process.pid)
-        workers = httpx.get(url + "/stats").json()["workers_total"]
-        print(f"server {url}, {workers} worker(s), {args.max_tokens} tokens per reply, {args.requests_per_client} requests per client")
-        asyncio.run(run_load(url, 1))  # warm-up
-        baseline = None
-        for num_clients in [int(c) for c in args.clients.split(",")]:
-            result = asyncio.run(run_load(url, num_clients))
-            baseline = baseline or result
-            print(f"{num_clients:3d} clients: {result['requests_per_s']:6.2f} req/s  {result['tokens_per_s']:8.1f} tok/s "
-                  f"({result['tokens_per_s'] / baseline['tokens_per_s']:.2f}x the 1-client rate)  "
-                  f"first token p50 {result['p50_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms  ({result['requests']} requests)", flush=True)
-        stats = httpx.get(url + "/stats").json()
-        print(f"server stats: {stats}")
+        load_test(url, "after" if before else "server", before)
     finally:
-        if process is not None:
-            process.terminate()
-            process.wait(timeout=10)
+        process.terminate()
+        process.wait(timeout=10)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ Calculator calls (arithmetic, string counting) skip the sandbox: nanochat/calcul
 
 Everything the model sees per step is one token per row, so the work per token is one small
 forward pass; the Python around it is kept to a handful of operations per step.
+
+Engine.generate serves one prompt (its rows share it: RL, evals, the CLI). Serving many users at once,
+each row with its own prompt, position and settings, is nanochat/scheduler.py; both use the row state
+machine here (handle_token, tool_output_tokens), so a reply ends and a tool call runs the same way.
 """
 import ast
 import codecs
@@ -19,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.calculator import NotCalculable, calculate
+from nanochat.common import get_compute_dtype
 from nanochat.execution import execute_code, sandbox_is_strong
 
 CACHE_CHUNK = 1024  # the cache grows in steps of this many positions (rarely: the first size is prompt + max_tokens)
@@ -142,12 +147,14 @@ def run_tool_call(code, timeout=2.0, allow_weak_sandbox=True):
     return text[:MAX_TOOL_OUTPUT_CHARS]
 
 
-def prepare_for_inference(model):
+def prepare_for_inference(model, dtype="auto"):
     """
-    On a GPU, store the weights in bf16 once: decode reads every weight for every token, so this halves
-    the bytes per token (autocast would instead re-cast the fp32 weights at every step). CPU keeps fp32.
+    Keep the weights in the inference dtype once: decode reads every weight for every token, so bf16 weights
+    halve the bytes per token (autocast would instead re-cast the fp32 weights at every step).
+    dtype "auto" decides as training does (common.get_compute_dtype): bf16 on CUDA and on CPUs with AMX,
+    fp32 elsewhere (without AMX, bf16 matmuls are emulated: slower than fp32, not faster).
     """
-    if model.get_device().type == "cuda":
+    if get_compute_dtype(model.get_device(), dtype) == torch.bfloat16:
         model = model.to(torch.bfloat16)
     return model.eval()
 
@@ -189,24 +196,53 @@ class Engine:
         return KVCache(batch_size=batch_size, num_heads=config.n_kv_head, head_dim=config.n_embd // config.n_head,
                        num_layers=config.n_layer, seq_len=seq_len)
 
-    def _handle_token(self, state, token):
-        """Advance one row's state machine after it received `token`; queues tool output when a call closes."""
-        if token == self.assistant_end or token == self.bos:
+    def is_reply_end(self, token):
+        """The one end-of-reply check: the assistant closed its turn, or began a new document."""
+        return token == self.assistant_end or token == self.bos
+
+    def handle_token(self, state, token):
+        """
+        Advance one row's state machine after it received `token`. Returns the code of a tool call that
+        this token closed (the caller runs it: inline here in generate, off the decode loop in the scheduler).
+        """
+        if self.is_reply_end(token):
             state.completed = True
         if token == self.python_start:
             state.in_python_block = True
             state.python_tokens = []
         elif token == self.python_end and state.in_python_block:
             state.in_python_block = False
-            if state.python_tokens and self.run_tools:
-                output = run_tool_call(self.tokenizer.decode(state.python_tokens), timeout=self.tool_timeout,
-                                       allow_weak_sandbox=self.allow_weak_sandbox)
-                state.forced_tokens.append(self.output_start)
-                state.forced_tokens.extend(self.tokenizer.encode(output))
-                state.forced_tokens.append(self.output_end)
+            code = self.tokenizer.decode(state.python_tokens) if state.python_tokens and self.run_tools else None
             state.python_tokens = []
+            return code
         elif state.in_python_block:
             state.python_tokens.append(token)
+        return None
+
+    def tool_output_tokens(self, code):
+        """Run a tool call; returns the tokens to force into the row: <|output_start|> result <|output_end|>."""
+        return self.output_tokens(run_tool_call(code, timeout=self.tool_timeout, allow_weak_sandbox=self.allow_weak_sandbox))
+
+    def output_tokens(self, text):
+        return [self.output_start] + self.tokenizer.encode(text) + [self.output_end]
+
+    def max_new_tokens(self, prompt_len, max_tokens=None):
+        """What a reply may add to a prompt: max_tokens (default: all the room), never past the rotary table."""
+        rotary_limit = self.model.cos.size(1) if hasattr(self.model, "cos") else None
+        if max_tokens is None:
+            max_tokens = (rotary_limit or prompt_len + 1024) - prompt_len
+        if rotary_limit is not None:
+            max_tokens = min(max_tokens, rotary_limit - prompt_len)
+        return max_tokens
+
+    def prefill(self, tokens):
+        """The prompt through the model at batch 1: (fp32 logits of the next token [1, V], its KVCache)."""
+        device = self.model.get_device()
+        prompt_cache = self._new_cache(1, len(tokens))
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        with self._autocast(device):
+            logits = self.model.forward(ids, kv_cache=prompt_cache)[:, -1, :]
+        return logits, prompt_cache
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42, top_p=None):
@@ -221,20 +257,13 @@ class Engine:
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
         top_k = top_k or None
-        rotary_limit = self.model.cos.size(1) if hasattr(self.model, "cos") else None
-        if max_tokens is None:
-            max_tokens = (rotary_limit or len(tokens) + 1024) - len(tokens)
-        if rotary_limit is not None:
-            max_tokens = min(max_tokens, rotary_limit - len(tokens))
+        max_tokens = self.max_new_tokens(len(tokens), max_tokens)
         if max_tokens <= 0:
             return
         autocast = self._autocast(device)
 
         # 1) prefill the prompt once, at batch 1
-        prompt_cache = self._new_cache(1, len(tokens))
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        with autocast:
-            logits = self.model.forward(ids, kv_cache=prompt_cache)[:, -1, :]
+        logits, prompt_cache = self.prefill(tokens)
         logits = logits.expand(num_samples, -1)
 
         # 2) one cache row per sample, sized for the whole generation so it never grows mid-stream
@@ -258,7 +287,9 @@ class Engine:
                 token_column.append(token)
                 state.tokens.append(token)
                 if not state.completed:
-                    self._handle_token(state, token)
+                    code = self.handle_token(state, token)
+                    if code is not None:
+                        state.forced_tokens.extend(self.tool_output_tokens(code))
             yield token_column, token_masks
             if all(state.completed for state in rows) or step == max_tokens - 1:
                 break
@@ -279,7 +310,7 @@ class Engine:
             for i, (token, mask) in enumerate(zip(token_column, token_masks)):
                 if completed[i]:
                     continue
-                if token == self.assistant_end or token == self.bos:
+                if self.is_reply_end(token):
                     completed[i] = True
                     if keep_end_token:
                         results[i].append(token)

@@ -1,14 +1,35 @@
 """
 The GPT model: a small modern decoder-only Transformer.
 
-- rotary position embeddings (no learned positions), QK-norm
-- parameter-free RMSNorm before every block and on the embedding/output
-- ReLU^2 MLP (4x), no biases anywhere
-- untied token embedding and output head, logits soft-capped at 15
-- output projections (and the head) start at zero, so every block starts as the identity
-- grouped-query attention through n_kv_head (n_kv_head == n_head is plain multi-head attention)
+GPT-2's skeleton (token embedding, a stack of pre-norm attention + MLP blocks on a residual stream,
+a linear head), with the changes that later work found to train faster or more stably at equal compute:
 
-One dial sets the size: see model_config_from_depth().
+- Rotary position embeddings (RoPE, Su et al. 2021, RoFormer) instead of a learned position table:
+  q and k are rotated by an angle proportional to their position, so q.k depends only on the
+  *relative* distance. Nothing to learn, and the tables can be extended past the training length.
+- QK-norm (Henry et al. 2020; Dehghani et al. 2023, ViT-22B): q and k are RMS-normalised per head
+  before the dot product. With rms 1 each, |q.k| <= head_dim, so after SDPA's 1/sqrt(head_dim) an
+  attention logit is at most sqrt(128) ~ 11: the growth of attention logits that makes large runs
+  diverge cannot happen.
+- RMSNorm (Zhang & Sennrich 2019) without a learned gain, before every attention and MLP, on the
+  token embedding and before the head. Pre-norm keeps the residual stream an untouched sum, so
+  gradients reach the first layers directly.
+- ReLU^2 MLP activation (So et al. 2021, Primer), 4x wide: found by Primer's architecture search to
+  train faster than GELU at equal compute, and cheaper to compute than a gated MLP.
+- No biases anywhere (PaLM, Chowdhery et al. 2022, reports better stability at scale without them).
+- Untied token embedding and output head: reading a token in and scoring it out are different jobs,
+  and untied they can also get very different learning rates (0.2 vs 0.004 by default).
+- Logits soft-capped with 15 * tanh(logits / 15) (as in Gemma 2, for stability): the head cannot
+  push a logit past 15 however confident it gets.
+- Output projections of every block, and the head, start at zero: every block starts as the
+  identity on the residual stream, and the first loss is exactly ln(vocab_size) (uniform logits).
+- Grouped-query attention (GQA, Ainslie et al. 2023) through n_kv_head: several query heads share
+  one key/value head, shrinking the KV cache at inference. n_kv_head == n_head (the default) is plain
+  multi-head attention.
+
+One dial sets the size: see model_config_from_depth(). The rest of the file is speed: hand-written
+backwards for the CPU (autograd's generic ones make several extra passes over big activations) and a
+lean one-token decode path for the engine; each computes the same maths as the plain path it replaces.
 """
 import math
 from dataclasses import dataclass
@@ -20,11 +41,12 @@ import torch.nn.functional as F
 from nanochat.common import get_dist_info
 
 HEAD_DIM = 128  # every model uses 128-wide heads; width is rounded up to a multiple of it
-LOGIT_SOFTCAP = 15.0
+LOGIT_SOFTCAP = 15.0  # logits live in (-15, 15): a token's probability can go as low as ~e^-30 of the top one
 
 
 @dataclass
 class GPTConfig:
+    # the defaults are the depth-20 model; scripts build configs with model_config_from_depth instead
     sequence_len: int = 2048
     vocab_size: int = 65536
     n_layer: int = 20
@@ -44,6 +66,7 @@ def model_config_from_depth(depth, vocab_size, sequence_len, n_kv_head=None):
     """
     if depth < 1:
         raise ValueError(f"--depth must be at least 1 (got {depth})")
+    # aspect ratio 64 (width / depth): depth and width grow together, so model sizes differ along one axis
     n_embd = math.ceil(depth * 64 / HEAD_DIM) * HEAD_DIM
     n_head = n_embd // HEAD_DIM
     n_kv_head = n_head if n_kv_head is None else n_kv_head
@@ -103,6 +126,8 @@ class Rotary(torch.autograd.Function):
 def _rotate(x, cos, sin):
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # keep bf16 activations bf16 under autocast (no-op in fp32)
     d = x.size(3) // 2
+    # channel i is paired with channel i + D/2 (the "rotate half" layout, not interleaved pairs): each
+    # pair is a 2-D vector turned by angle position * inv_freq[i], i.e. (x1, x2) -> (x1 cos + x2 sin, x2 cos - x1 sin)
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat([torch.addcmul(x1 * cos, x2, sin), torch.addcmul(x2 * cos, x1, sin, value=-1)], dim=3)
 
@@ -225,11 +250,13 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim)
         if value_embed is not None:
             v = v + value_embed.to(v.dtype).view(B, T, self.n_kv_head, self.head_dim)
+        # QK-norm; rotating first or norming first gives the same result (a rotation keeps the rms)
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
         t_query, t_key = q.size(2), k.size(2)
+        # GQA: enable_gqa has SDPA share each kv head among n_head / n_kv_head query heads (no repeat here)
         gqa = self.n_head != self.n_kv_head
         if t_query == t_key:
             # training, or a prefill into an empty cache: plain causal attention
@@ -265,6 +292,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, kv_cache, value_embed=None):
+        # pre-norm: each branch reads a normalised copy and adds its output back to the raw stream
         x = x + self.attn(norm(x), cos, sin, kv_cache, value_embed)
         x = x + self.mlp(norm(x))
         return x
@@ -299,10 +327,14 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 # fan-in aware, shrunk for wide-output matrices (https://arxiv.org/abs/2310.17813)
+                # the spectral condition (Yang, Simon & Bernstein 2023): a matrix's spectral norm should scale
+                # as sqrt(fan_out / fan_in). A Gaussian with std 1/sqrt(fan_in) has that when fan_out >= fan_in;
+                # the min() shrinks the std of a matrix that narrows (fan_out < fan_in) to match
                 fan_out, fan_in = module.weight.shape
                 std = 1.0 / math.sqrt(fan_in) * min(1.0, math.sqrt(fan_out / fan_in))
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, nn.Embedding):
+                # std 1: the embedding is RMS-normalised right after the lookup anyway
                 nn.init.normal_(module.weight, mean=0.0, std=1.0)
         for embedding in self.value_embeds.values():
             # small next to the values themselves (rms ~1): the path starts nearly silent and is learned
@@ -320,6 +352,8 @@ class GPT(nn.Module):
         self.cos, self.sin = cos, sin
 
     def _precompute_rotary_embeddings(self, seq_len, head_dim, base=10000, device=None):
+        # RoFormer's frequencies: pair i turns at base^(-2i/D) radians per position, from one radian per
+        # token (fast, local detail) down to ~1/base (slow, long-range position)
         channel_range = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
         inv_freq = 1.0 / (base ** (channel_range / head_dim))
         t = torch.arange(seq_len, dtype=torch.float32, device=device)
@@ -338,6 +372,9 @@ class GPT(nn.Module):
         nparams_embedding = sum(p.numel() for p in self.embedding_parameters() + self.scalar_parameters())
         cfg = self.config
         head_dim = cfg.n_embd // cfg.n_head
+        # 6 = 2 FLOPs per multiply-add x 3 (forward, and backward's two matmuls per weight). Attention's
+        # QK^T and AV are 2 matmuls with no weights, 2 * 2 * 3 = 12 FLOPs per (layer, channel, position
+        # attended); counted over the full sequence_len, as in the PaLM paper's MFU accounting
         attention = 12 * cfg.n_layer * cfg.n_head * head_dim * cfg.sequence_len
         return 6 * (self.num_params() - nparams_embedding) + attention
 
@@ -458,11 +495,14 @@ class GPT(nn.Module):
         layers, head, wte, cos2, sin2 = self._decode_tables(kv_cache)
         B = idx.size(0)
         pos = kv_cache.get_pos()
-        if pos + 1 > cos2.size(0):
-            raise ValueError(f"sequence of {pos + 1} tokens exceeds the rotary table ({cos2.size(0)})")
         cfg = self.config
         H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
-        rotary = (cos2[pos], sin2[pos])
+        if torch.is_tensor(pos):  # continuous batching: each row at its own position (its owner checked the table)
+            rotary = (cos2[pos].unsqueeze(1), sin2[pos].unsqueeze(1))  # [B, 1, D]: one angle per row
+        else:
+            if pos + 1 > cos2.size(0):
+                raise ValueError(f"sequence of {pos + 1} tokens exceeds the rotary table ({cos2.size(0)})")
+            rotary = (cos2[pos], sin2[pos])
         x = x0 = decode_norm(F.embedding(idx.view(B), wte))
         for w_qkv, w_o, w_fc, w_proj, layer_idx, value_embed, lambdas in layers:
             if lambdas is not None:
@@ -486,9 +526,11 @@ class GPT(nn.Module):
         qk = qkv[:, :(H + Hkv) * D].view(B, H + Hkv, D)  # q and k heads side by side: one rotary, one norm
         swapped = qk.view(B, H + Hkv, 2, D // 2).flip(2).view(B, H + Hkv, D)
         qk = decode_norm(torch.addcmul(qk * cos, swapped, sin))
-        v = qkv[:, (H + Hkv) * D:].view(B, Hkv, 1, D)
-        keys, values = kv_cache.insert_kv(layer_idx, qk[:, H:].unsqueeze(2), v)
-        y = F.scaled_dot_product_attention(qk[:, :H].unsqueeze(2), keys, values, enable_gqa=H != Hkv)  # [B, H, 1, D]
+        q, k, v = qk[:, :H].unsqueeze(2), qk[:, H:].unsqueeze(2), qkv[:, (H + Hkv) * D:].view(B, Hkv, 1, D)
+        if hasattr(kv_cache, "attend"):  # rows of different lengths (nanochat/scheduler.py): the cache attends row by row
+            return kv_cache.attend(layer_idx, q, k, v).view(B, H * D)
+        keys, values = kv_cache.insert_kv(layer_idx, k, v)
+        y = F.scaled_dot_product_attention(q, keys, values, enable_gqa=H != Hkv)  # [B, H, 1, D]
         return y.view(B, H * D)
 
     @torch.inference_mode()

@@ -24,7 +24,7 @@ def reply(engine, tokenizer, conversation, args):
     for token_column, _ in engine.generate(prompt, num_samples=1, max_tokens=args.max_tokens,
                                            temperature=args.temperature, top_k=args.top_k, seed=args.seed):
         token = token_column[0]
-        if token == engine.assistant_end or token == engine.bos:
+        if engine.is_reply_end(token):
             break
         tokens.append(token)
         print(decoder.feed(token), end="", flush=True)

@@ -8,10 +8,14 @@ Endpoints:
     GET  /                       the chat page (nanochat/ui.html)
     POST /chat/completions       the page's own streaming endpoint (server-sent events)
     POST /v1/chat/completions    OpenAI-compatible (stream or not), for the `openai` client, curl, other front ends
-    GET  /v1/models, /health, /stats
+    GET  /v1/models, /health
+    GET  /stats                  rows in flight, queue length, tokens/s over the last minute, KV-cache memory in use
 
-One model replica per GPU, each driven by its own thread. Requests beyond the replicas wait in a
-bounded queue; when it is full the server answers 503 with Retry-After rather than piling up work.
+The server is a thin HTTP layer: it validates and translates requests, the scheduler (nanochat/scheduler.py)
+owns generation, the tokenizer owns the chat format. One model replica per GPU, each decoding up to
+--max-batch replies together (continuous batching: a request joins the running batch at the next step and
+leaves it the moment it ends). Requests beyond the slots wait in a bounded queue; when it is full the
+server answers 503 with Retry-After rather than piling up work.
 
 Clients may be hostile: request bodies over 1 MB are refused as they arrive, a request must arrive
 whole within --request-timeout seconds, connections beyond --max-connections get 503, and every
@@ -21,10 +25,9 @@ import argparse
 import asyncio
 import json
 import os
-import threading
+import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from itertools import accumulate
 
 import torch
@@ -32,9 +35,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from nanochat.common import autodetect_device_type, logger
-from nanochat.engine import Engine, IncrementalDecoder, prepare_for_inference, tool_call_display
+from nanochat.common import COMPUTE_DTYPES, autodetect_device_type, logger
+from nanochat.engine import Engine, prepare_for_inference
 from nanochat.execution import find_sandbox
+from nanochat.scheduler import GenerationRequest, QueueFull, Scheduler
 
 # Limits on what one request may ask for: each violation is a 400 that names the limit.
 MAX_MESSAGES = 500
@@ -146,15 +150,9 @@ def parse_request(raw_body, defaults):
     if total_chars > MAX_TOTAL_CHARS:
         raise RequestError(f"the conversation has {total_chars} characters; the limit is {MAX_TOTAL_CHARS}",
                            "messages", "conversation_too_long")
-    # roles and their order: optional system first, then user/assistant alternating, ending with the user
-    turns = clean[1:] if clean[0]["role"] == "system" else clean
-    for index, message in enumerate(turns):
-        expected = "user" if index % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise RequestError(f"message order: expected a {expected} message at position {index + len(clean) - len(turns)} "
-                               f"(after an optional system message, user and assistant alternate, user first)",
-                               "messages", "invalid_role_order")
-    if not turns or turns[-1]["role"] != "user":
+    # the order of roles is the chat format's rule (tokenizer.render_for_completion checks it); the API's own
+    # rule is only that a completion answers the user
+    if clean[-1]["role"] != "user":
         raise RequestError("the last message must be from the user", "messages", "invalid_role_order")
     n = body.get("n", 1)
     if isinstance(n, bool) or not isinstance(n, int):
@@ -188,109 +186,36 @@ def parse_request(raw_body, defaults):
     return clean, options, stream
 
 
-class Worker:
-    """One model replica on one device, with its own thread (torch work never blocks the event loop)."""
-
-    def __init__(self, index, model, tokenizer, device, allow_weak_sandbox=True):
-        self.index = index
-        self.engine = Engine(model, tokenizer, allow_weak_sandbox=allow_weak_sandbox)
-        self.device = device
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"worker{index}")
-
-
-class WorkerPool:
-
-    def __init__(self, workers, queue_size):
-        self.workers = workers
-        self.queue_size = queue_size
-        self.free = None  # an asyncio.Queue, made inside the server's event loop
-        self.waiting = 0
-        self.stats = {"requests_served": 0, "tokens_generated": 0, "requests_rejected": 0}
-
-    async def acquire(self):
-        if self.free is None:
-            self.free = asyncio.Queue()
-            for worker in self.workers:
-                self.free.put_nowait(worker)
-        if self.free.empty() and self.waiting >= self.queue_size:
-            self.stats["requests_rejected"] += 1
-            raise RequestError(f"server busy: all {len(self.workers)} workers are busy and {self.waiting} requests are "
-                               f"waiting (the queue limit); retry shortly", None, "queue_full", status=503)
-        self.waiting += 1
-        try:
-            return await self.free.get()
-        finally:
-            self.waiting -= 1
-
-    def release(self, worker):
-        self.free.put_nowait(worker)
-
-    def snapshot(self):
-        free = self.free.qsize() if self.free is not None else len(self.workers)
-        return {"workers_total": len(self.workers), "workers_free": free, "workers_busy": len(self.workers) - free,
-                "requests_waiting": self.waiting, "queue_size": self.queue_size, **self.stats}
-
-
-def start_generation(pool, worker, prompt_tokens, options):
+def render_prompt(tokenizer, messages, context_length, options):
     """
-    Run the engine for one request on the worker's thread. Returns (events, cancel): an asyncio.Queue
-    of ("text", str) ... ("end", finish_reason, completion_tokens) | ("error", message), and an
-    Event that stops the generation at the next token. The worker goes back to the pool the moment
-    its thread stops, whoever stops it (end of reply, stop sequence, or client gone).
+    The prompt tokens of a validated conversation. The chat format and its role rules are the tokenizer's;
+    the server adds its context limit and keeps max_tokens within it.
+    """
+    try:
+        prompt = tokenizer.render_for_completion(messages)
+    except ValueError as e:
+        raise RequestError(str(e), "messages", "invalid_role_order")
+    if len(prompt) + 1 > context_length:
+        raise RequestError(f"the conversation is {len(prompt)} tokens; this model's context is {context_length}",
+                           "messages", "context_length_exceeded")
+    options["max_tokens"] = min(options["max_tokens"], context_length - len(prompt))
+    return prompt
+
+
+def start_reply(scheduler, prompt, options):
+    """
+    Queue one reply with the scheduler. Returns (generation, events): the GenerationRequest and an asyncio.Queue
+    that receives its events on this event loop. Raises a 503 RequestError when the slots and the queue are full.
     """
     loop = asyncio.get_running_loop()
     events = asyncio.Queue()
-    cancel = threading.Event()
-    engine = worker.engine
-    tokenizer = engine.tokenizer
-    stops = options["stop"]
-    hold_back = max((len(s) for s in stops), default=1) - 1  # text that might still become a stop sequence
-
-    def emit(*event):
-        loop.call_soon_threadsafe(events.put_nowait, event)
-
-    def produce():
-        decoder = IncrementalDecoder(tokenizer, special_text=tool_call_display(tokenizer))
-        finish_reason, generated, pending = "length", 0, ""
-        # OpenAI seeds may be negative; torch wants 0..2**64-1. No seed: a fresh random one per request.
-        seed = options["seed"] % 2**63 if options["seed"] is not None else int.from_bytes(os.urandom(4), "little")
-        try:
-            for token_column, _ in engine.generate(prompt_tokens, num_samples=1, max_tokens=options["max_tokens"],
-                                                   temperature=options["temperature"], top_k=options["top_k"],
-                                                   top_p=options["top_p"], seed=seed):
-                if cancel.is_set():
-                    finish_reason = "cancelled"
-                    break
-                token = token_column[0]
-                generated += 1
-                if token == engine.assistant_end or token == engine.bos:
-                    finish_reason = "stop"
-                    break
-                pending += decoder.feed(token)
-                if stops:
-                    hits = [pending.find(s) for s in stops if s in pending]
-                    if hits:
-                        pending = pending[:min(hits)]
-                        finish_reason = "stop"
-                        break
-                if len(pending) > hold_back:
-                    cut = len(pending) - hold_back
-                    emit("text", pending[:cut])
-                    pending = pending[cut:]
-            if finish_reason == "length":
-                pending += decoder.flush()
-            if pending:
-                emit("text", pending)
-            emit("end", finish_reason, generated)
-        except Exception as e:  # a crash in one request must not take the server down
-            logger.exception("generation failed")
-            emit("error", f"generation failed: {type(e).__name__}")
-        finally:
-            pool.stats["tokens_generated"] += generated
-            loop.call_soon_threadsafe(pool.release, worker)
-
-    loop.run_in_executor(worker.executor, produce)
-    return events, cancel
+    generation = GenerationRequest(prompt=prompt, emit=lambda *event: loop.call_soon_threadsafe(events.put_nowait, event),
+                                   **options)
+    try:
+        scheduler.submit(generation)
+    except QueueFull as e:
+        raise RequestError(str(e), None, "queue_full", status=503)
+    return generation, events
 
 
 def refuse_large_bodies(app, max_bytes):
@@ -371,7 +296,8 @@ def h11_with_request_deadline(seconds):
     return H11WithRequestDeadline
 
 
-def build_app(pool, tokenizer, model_name, defaults, context_length, api_docs=False):
+def build_app(scheduler, tokenizer, model_name, defaults, context_length, api_docs=False):
+    """HTTP -> scheduler: each handler validates and translates a request, the scheduler generates, the handler relays."""
     # the interactive docs and the schema are off unless asked for: they map every endpoint for anyone
     app = FastAPI(title="nanochat", docs_url="/docs" if api_docs else None, redoc_url="/redoc" if api_docs else None,
                   openapi_url="/openapi.json" if api_docs else None)
@@ -390,109 +316,93 @@ def build_app(pool, tokenizer, model_name, defaults, context_length, api_docs=Fa
     @app.get("/health")
     async def health():
         log_request("/health", 200, time.perf_counter())
-        return {"status": "ok", "model": model_name, "workers": len(pool.workers)}
+        return {"status": "ok", "model": model_name, "replicas": len(scheduler.replicas)}
 
     @app.get("/stats")
     async def stats():
         log_request("/stats", 200, time.perf_counter())
-        return pool.snapshot()
+        return scheduler.snapshot()
 
     @app.get("/v1/models")
     async def models():
         log_request("/v1/models", 200, time.perf_counter())
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "nanochat"}]}
 
-    async def prepare(request, path, started):
-        """Parse, validate, tokenize and take a worker. Returns (worker, prompt, options, stream) or an error response."""
+    async def start(request, path, started):
+        """Parse, validate, tokenize and queue. Returns ((generation, events, stream, log fields), None) or (None, an error response)."""
         try:
             messages, options, stream = parse_request(await request.body(), defaults)
-            try:
-                prompt = tokenizer.render_for_completion(messages)
-            except ValueError as e:
-                raise RequestError(str(e), "messages", "invalid_role_order")
-            if len(prompt) + 1 > context_length:
-                raise RequestError(f"the conversation is {len(prompt)} tokens; this model's context is {context_length}",
-                                   "messages", "context_length_exceeded")
-            options["max_tokens"] = min(options["max_tokens"], context_length - len(prompt))
-            worker = await pool.acquire()
+            prompt = render_prompt(tokenizer, messages, context_length, options)
+            generation, events = start_reply(scheduler, prompt, options)
         except RequestError as e:
             log_request(path, e.status, started, error=e.code)
-            headers = {"Retry-After": "1"} if e.status == 503 else None
-            return None, error_response(e, headers)
-        return (worker, prompt, options, stream, len(messages)), None
+            return None, error_response(e, {"Retry-After": "1"} if e.status == 503 else None)
+        return (generation, events, stream, {"messages": len(messages), "prompt_tokens": len(prompt)}), None
 
-    def sse(payload):
-        return f"data: {json.dumps(payload)}\n\n"
-
-    async def relay(events, cancel, on_text, on_end, path, started, fields):
-        """Yield what the generation thread produces; a client that goes away cancels it at once."""
-        finish_reason, completion_tokens = "cancelled", 0
+    async def relay(generation, events, path, started, fields, watch=None):
+        """
+        The reply's events up to its end. Whoever stops reading (the client hung up, the stream closed) cancels
+        the generation: its row leaves the batch at the next step. One log line per request, whatever happens.
+        watch: the HTTP request of a non-streamed reply, polled for a hang-up (nothing is written to notice it by).
+        """
+        finish_reason, completion_tokens, status, received = "cancelled", 0, 200, 0
         try:
             while True:
                 # yield to the loop first: uvicorn learns of a reset connection in a callback, and each write
                 # before that callback runs (queued events go out back to back) logs an asyncio warning
                 await asyncio.sleep(0)
-                event = await events.get()
-                if event[0] == "text":
-                    yield on_text(event[1])
-                elif event[0] == "error":
-                    yield sse({"error": {"message": event[1], "type": "server_error"}})
-                    finish_reason = "error"
+                try:
+                    event = await asyncio.wait_for(events.get(), timeout=None if watch is None else 0.5)
+                except asyncio.TimeoutError:
+                    event = None
+                received += 1
+                if watch is not None and (event is None or received % 32 == 0) and await watch.is_disconnected():
                     break
-                else:
+                if event is None:
+                    continue
+                yield event
+                if event[0] == "end":
                     _, finish_reason, completion_tokens = event
-                    for chunk in on_end(finish_reason, completion_tokens):
-                        yield chunk
+                    break
+                if event[0] == "error":
+                    finish_reason, status = "error", 200 if watch is None else 500
                     break
         finally:
-            cancel.set()
-            pool.stats["requests_served"] += 1
-            log_request(path, 200, started, stream=True, finish=finish_reason, completion_tokens=completion_tokens, **fields)
+            scheduler.cancel(generation)
+            log_request(path, status, started, stream=watch is None, finish=finish_reason,
+                        completion_tokens=completion_tokens, **fields)
+
+    def sse(payload):
+        return f"data: {json.dumps(payload)}\n\n"
+
+    def server_error(message):
+        return {"error": {"message": message, "type": "server_error"}}
 
     @app.post("/v1/chat/completions")
     async def openai_chat(request: Request):
-        started = time.perf_counter()
-        prepared, error = await prepare(request, "/v1/chat/completions", started)
+        path, started = "/v1/chat/completions", time.perf_counter()
+        started_reply, error = await start(request, path, started)
         if error is not None:
             return error
-        worker, prompt, options, stream, n_messages = prepared
-        events, cancel = start_generation(pool, worker, prompt, options)
+        generation, events, stream, fields = started_reply
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        fields = {"messages": n_messages, "prompt_tokens": len(prompt), "worker": worker.index}
+        prompt_tokens = fields["prompt_tokens"]
 
         def usage(completion_tokens):
-            return {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens, "total_tokens": len(prompt) + completion_tokens}
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens}
 
         if not stream["stream"]:
-            pieces, finish_reason, completion_tokens, checks, failure = [], "length", 0, 0, None
-            try:
-                while True:
-                    try:
-                        event = await asyncio.wait_for(events.get(), timeout=0.5)
-                    except asyncio.TimeoutError:
-                        event = None
-                    checks += 1
-                    if event is None or checks % 32 == 0:
-                        if await request.is_disconnected():
-                            finish_reason = "cancelled"
-                            break
-                    if event is None:
-                        continue
-                    if event[0] == "text":
-                        pieces.append(event[1])
-                    elif event[0] == "error":
-                        failure, finish_reason = event[1], "error"
-                        break
-                    else:
-                        _, finish_reason, completion_tokens = event
-                        break
-            finally:
-                cancel.set()
-                pool.stats["requests_served"] += 1
-                log_request("/v1/chat/completions", 500 if failure else 200, started, stream=False, finish=finish_reason,
-                            completion_tokens=completion_tokens, **fields)
+            pieces, finish_reason, completion_tokens, failure = [], "cancelled", 0, None
+            async for event in relay(generation, events, path, started, fields, watch=request):
+                if event[0] == "text":
+                    pieces.append(event[1])
+                elif event[0] == "error":
+                    failure = event[1]
+                else:
+                    _, finish_reason, completion_tokens = event
             if failure:
-                return JSONResponse({"error": {"message": failure, "type": "server_error"}}, status_code=500)
+                return JSONResponse(server_error(failure), status_code=500)
             return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_name,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
                                  "finish_reason": finish_reason}],
@@ -505,36 +415,41 @@ def build_app(pool, tokenizer, model_name, defaults, context_length, api_docs=Fa
                 payload["usage"] = None
             return sse(payload)
 
-        def on_end(finish_reason, completion_tokens):
-            yield chunk({}, finish_reason)
-            if stream["include_usage"]:
-                yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                           "choices": [], "usage": usage(completion_tokens)})
-            yield "data: [DONE]\n\n"
-
         async def body():
             yield chunk({"role": "assistant", "content": ""})
-            async for piece in relay(events, cancel, lambda text: chunk({"content": text}), on_end,
-                                     "/v1/chat/completions", started, fields):
-                yield piece
+            async for event in relay(generation, events, path, started, fields):
+                if event[0] == "text":
+                    yield chunk({"content": event[1]})
+                elif event[0] == "error":
+                    yield sse(server_error(event[1]))
+                else:
+                    _, finish_reason, completion_tokens = event
+                    yield chunk({}, finish_reason)
+                    if stream["include_usage"]:
+                        yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                   "model": model_name, "choices": [], "usage": usage(completion_tokens)})
+                    yield "data: [DONE]\n\n"
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/chat/completions")
     async def page_chat(request: Request):
-        started = time.perf_counter()
-        prepared, error = await prepare(request, "/chat/completions", started)
+        path, started = "/chat/completions", time.perf_counter()
+        started_reply, error = await start(request, path, started)
         if error is not None:
             return error
-        worker, prompt, options, _, n_messages = prepared
-        events, cancel = start_generation(pool, worker, prompt, options)
-        fields = {"messages": n_messages, "prompt_tokens": len(prompt), "worker": worker.index}
+        generation, events, _, fields = started_reply
 
-        def on_end(finish_reason, completion_tokens):
-            yield sse({"done": True, "finish_reason": finish_reason, "completion_tokens": completion_tokens})
+        async def body():
+            async for event in relay(generation, events, path, started, fields):
+                if event[0] == "text":
+                    yield sse({"token": event[1]})
+                elif event[0] == "error":
+                    yield sse(server_error(event[1]))
+                else:
+                    yield sse({"done": True, "finish_reason": event[1], "completion_tokens": event[2]})
 
-        body = relay(events, cancel, lambda text: sse({"token": text}), on_end, "/chat/completions", started, fields)
-        return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
 
@@ -560,8 +475,8 @@ def sandbox_policy_line(host, allow_flag):
             f"install bubblewrap, bind to 127.0.0.1, or pass --allow-unsandboxed-code to run it anyway")
 
 
-def load_workers(args):
-    """One replica per GPU (--num-gpus), or a single one on CPU/MPS."""
+def load_engines(args):
+    """One replica per GPU (--num-gpus), or a single one on CPU/MPS: an Engine each, weights in --dtype."""
     from nanochat.checkpoint_manager import load_model, most_advanced_source
     if args.source is None:
         try:
@@ -577,15 +492,15 @@ def load_workers(args):
         devices = [torch.device("cuda", i) for i in range(args.num_gpus)]
     else:
         devices = [torch.device(device_type)]
-    workers, tokenizer, meta = [], None, None
-    for index, device in enumerate(devices):
+    engines, tokenizer, meta = [], None, None
+    for device in devices:
         try:
             model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-            model = prepare_for_inference(model)
+            model = prepare_for_inference(model, args.dtype)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"cannot load the {args.source} model: {e}")
-        workers.append(Worker(index, model, tokenizer, device, allow_code_without_sandbox(args.host, args.allow_unsandboxed_code)))
-    return workers, tokenizer, meta
+        engines.append(Engine(model, tokenizer, allow_weak_sandbox=allow_code_without_sandbox(args.host, args.allow_unsandboxed_code)))
+    return engines, tokenizer, meta
 
 
 def main():
@@ -601,7 +516,11 @@ def main():
     parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
     parser.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (0 = off)")
     parser.add_argument("--max-tokens", type=int, default=512, help="default maximum tokens per reply")
-    parser.add_argument("--queue-size", type=int, default=32, help="requests that may wait for a busy worker before 503")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="replies each replica decodes together (continuous batching); more wait in the queue")
+    parser.add_argument("--queue-size", type=int, default=32, help="requests that may wait for a free batch slot before 503")
+    parser.add_argument("--dtype", type=str, default="auto", choices=COMPUTE_DTYPES,
+                        help="inference weights: auto = bf16 on CUDA and on CPUs with AMX, else float32 (as training)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--request-timeout", type=float, default=10.0,
                         help="seconds a client has to send a whole request (headers and body) before it is "
@@ -616,16 +535,23 @@ def main():
     args = parser.parse_args()
     if args.request_timeout <= 0 or args.max_connections < 1:
         parser.error("--request-timeout must be above 0 seconds and --max-connections at least 1")
+    if args.max_batch < 1 or args.queue_size < 0:
+        parser.error("--max-batch must be at least 1 and --queue-size at least 0")
     if args.threads:
         torch.set_num_threads(args.threads)
+    # the decode threads run Python between torch calls and hold the GIL meanwhile; the event loop, which turns
+    # their tokens into bytes on sockets, would otherwise wait up to 5 ms (the default) each time it needs it
+    sys.setswitchinterval(0.0005)
     import uvicorn
-    workers, tokenizer, meta = load_workers(args)
+    engines, tokenizer, meta = load_engines(args)
     config = meta["model_config"]
     model_name = f"nanochat-{args.source}-d{config['n_layer']}"
     context_length = config["sequence_len"]  # what the model was trained on; beyond it replies degrade
-    pool = WorkerPool(workers, args.queue_size)
-    app = build_app(pool, tokenizer, model_name, args, context_length, api_docs=args.api_docs)
-    logger.info(f"serving {model_name} on {len(workers)} worker(s) at http://{args.host}:{args.port}")
+    scheduler = Scheduler(engines, max_batch=args.max_batch, queue_size=args.queue_size)
+    app = build_app(scheduler, tokenizer, model_name, args, context_length, api_docs=args.api_docs)
+    dtype = next(engines[0].model.parameters()).dtype
+    logger.info(f"serving {model_name} on {len(engines)} replica(s) of up to {args.max_batch} rows, {dtype} weights, "
+                f"at http://{args.host}:{args.port}")
     logger.info(sandbox_policy_line(args.host, args.allow_unsandboxed_code))
     uvicorn.run(refuse_large_bodies(app, MAX_BODY_BYTES), host=args.host, port=args.port, access_log=False,
                 log_level="warning", http=h11_with_request_deadline(args.request_timeout),

@@ -45,6 +45,7 @@ def free_port():
 
 REQUEST_TIMEOUT = 1.5  # the server's --request-timeout here: short, so the slowloris test is quick
 MAX_CONNECTIONS = 16  # the server's --max-connections here
+MAX_BATCH = 2  # the server's --max-batch here: replies decoded together
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def server(tiny_tokenizer, tmp_path_factory):
     log_path = base_dir / "server.log"
     log = open(log_path, "w")
     process = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--host", "127.0.0.1", "--port", str(port),
-                                "--device-type", "cpu", "--threads", "1", "--queue-size", "1",
+                                "--device-type", "cpu", "--threads", "1", "--max-batch", str(MAX_BATCH), "--queue-size", "1",
                                 "--request-timeout", str(REQUEST_TIMEOUT), "--max-connections", str(MAX_CONNECTIONS)],
                                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -81,10 +82,10 @@ def wait_until_idle(url, timeout=10.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
         stats = httpx.get(url + "/stats").json()
-        if stats["workers_busy"] == 0 and stats["requests_waiting"] == 0:
+        if stats["rows_in_flight"] == 0 and stats["requests_waiting"] == 0:
             return stats
         time.sleep(0.02)
-    raise AssertionError(f"workers still busy after {timeout} s: {stats}")
+    raise AssertionError(f"replies still in flight after {timeout} s: {stats}")
 
 
 def test_health_models_and_page(server):
@@ -196,32 +197,41 @@ def test_page_endpoint_streams_tokens(server):
     assert events[-1]["done"] is True and events[-1]["finish_reason"] == "length"
 
 
-def test_disconnect_frees_the_worker_and_full_queue_gives_503(server):
+def test_disconnect_frees_the_row_and_full_queue_gives_503(server):
     url = server["url"]
     wait_until_idle(url)
     before = httpx.get(url + "/stats").json()
     long_body = {"messages": GOOD, "max_tokens": 4000, "temperature": 0.0, "stream": True}
-    # one client reads a little and hangs up: its worker must be free right away, not after 4000 tokens
+    # one client reads a little and hangs up: its row must be free right away, not after 4000 tokens
     with httpx.stream("POST", url + "/v1/chat/completions", json=long_body) as response:
         lines = response.iter_lines()
         for _ in range(5):
             next(lines)
         time.sleep(0.3)
-        assert httpx.get(url + "/stats").json()["workers_busy"] == 1, "still streaming to a connected client"
+        stats = httpx.get(url + "/stats").json()
+        assert stats["rows_in_flight"] == 1, "still streaming to a connected client"
+        assert stats["kv_cache_bytes_in_use"] > 0 and stats["kv_cache_bytes_allocated"] >= stats["kv_cache_bytes_in_use"]
     t0 = time.time()
     stats = wait_until_idle(url, timeout=3.0)
     assert time.time() - t0 < 1.5
     assert stats["tokens_generated"] - before["tokens_generated"] < 2000
+    assert stats["kv_cache_bytes_in_use"] == 0 and stats["tokens_per_s_last_minute"] > 0
 
-    # one worker busy + one request waiting fills the queue (--queue-size 1): the next one is turned away
-    def waiting_client():  # waits for the busy worker, reads one line, hangs up
+    # every row busy (--max-batch 2) + one request waiting fills the queue (--queue-size 1): the next one is turned away
+    let_go = threading.Event()
+
+    def waiting_client():  # queued behind the busy rows (its first line comes at once), stays until let go, hangs up
         with httpx.stream("POST", url + "/v1/chat/completions", json=long_body, timeout=60) as response:
             lines = response.iter_lines()  # keep a reference: a collected iterator closes the connection
             next(lines)
+            let_go.wait(10)
 
-    with httpx.stream("POST", url + "/v1/chat/completions", json=long_body, timeout=60) as first:
-        first_lines = first.iter_lines()
+    with httpx.stream("POST", url + "/v1/chat/completions", json=long_body, timeout=60) as first, \
+            httpx.stream("POST", url + "/v1/chat/completions", json=long_body, timeout=60) as second:
+        first_lines, second_lines = first.iter_lines(), second.iter_lines()
         next(first_lines)
+        next(second_lines)
+        assert httpx.get(url + "/stats").json()["rows_in_flight"] == MAX_BATCH
         waiter = threading.Thread(target=waiting_client)
         waiter.start()
         deadline = time.time() + 5
@@ -230,9 +240,33 @@ def test_disconnect_frees_the_worker_and_full_queue_gives_503(server):
         rejected = httpx.post(url + "/v1/chat/completions", json=long_body)
         assert rejected.status_code == 503, httpx.get(url + "/stats").json()
         assert int(rejected.headers["retry-after"]) >= 1 and rejected.json()["error"]["code"] == "queue_full"
+        let_go.set()
     waiter.join(timeout=10)
     assert not waiter.is_alive()
     wait_until_idle(url, timeout=5.0)
+
+
+def test_concurrent_replies_share_the_batch_and_equal_each_alone(server):
+    url = server["url"]
+    wait_until_idle(url)
+    bodies = [{"messages": [{"role": "user", "content": text}], "max_tokens": n, "temperature": 0.0}
+              for text, n in [("Tell me about the sea.", 40), ("hi", 25)]]
+    alone = [httpx.post(url + "/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] for body in bodies]
+    together = [None] * len(bodies)
+
+    def ask(i):
+        together[i] = httpx.post(url + "/v1/chat/completions", json=bodies[i], timeout=60).json()["choices"][0]["message"]["content"]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert together == alone
+    # content as a list of text parts (as the official clients send it) is the same message as a string
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Tell me "}, {"type": "text", "text": "about the sea."}]}],
+             "max_tokens": 40, "temperature": 0.0}
+    assert httpx.post(url + "/v1/chat/completions", json=parts).json()["choices"][0]["message"]["content"] == alone[0]
 
 
 def test_one_log_line_per_request_without_message_text(server):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanochat.engine import Engine, IncrementalDecoder, KVCache, assistant_parts, run_tool_call, sample_next_token
+from nanochat.engine import Engine, IncrementalDecoder, KVCache, assistant_parts, prepare_for_inference, run_tool_call, sample_next_token
 from nanochat.gpt import GPTConfig
 
 from conftest import random_gpt
@@ -172,3 +172,16 @@ def test_assistant_parts_round_trip_a_tool_call(tiny_tokenizer):
     ids, _ = tiny_tokenizer.render_conversation(conversation)
     assert ids[-len(tokens) - 1:-1] == tokens  # renders back to exactly the generated tokens
     assert assistant_parts(tiny_tokenizer, tiny_tokenizer.encode("plain")) == "plain"
+
+
+def test_inference_weights_take_the_dtype_training_would_use(tiny_tokenizer):
+    from nanochat.common import get_compute_dtype
+
+    auto = prepare_for_inference(random_gpt(tiny_tokenizer), "auto")  # bf16 only where it is fast: CUDA, AMX CPUs
+    assert auto.lm_head.weight.dtype == get_compute_dtype(torch.device("cpu"), "auto")
+    assert prepare_for_inference(random_gpt(tiny_tokenizer), "float32").lm_head.weight.dtype == torch.float32
+    model = prepare_for_inference(random_gpt(tiny_tokenizer), "bfloat16")
+    assert model.lm_head.weight.dtype == torch.bfloat16 and not model.training
+    tokens = tiny_tokenizer.encode("Hello", prepend="<|bos|>")  # the bf16 copy decodes (cache in bf16 too)
+    results, _ = Engine(model, tiny_tokenizer).generate_batch(tokens, max_tokens=5, temperature=0.0)
+    assert len(results[0]) == len(tokens) + 5
