@@ -5,7 +5,7 @@
 #     eager), all through nanochat.training.train_step, bf16 + torch.compile, synthetic tokens.
 #     Target: >= 45% MFU at depth 20 on an H100.
 #  2. the pipeline: the real scripts end to end on CUDA at toy size, offline on the embedded sample and
-#     the stand-ins (tok_train -> base_train -> mid_train -> chat_sft -> chat_eval -> chat_rl -> chat_cli).
+#     the stand-ins (tok_train -> base_train -> mid_train -> chat_sft -> chat_eval -> chat_rl -> chat_cli -> chat_web).
 #     bash dev/gpu_check.sh                          # uses $PYTHON or python
 #     STEPS=30 DEPTHS="20" PIPELINE=0 bash dev/gpu_check.sh
 set -uo pipefail
@@ -98,3 +98,5 @@ TAIL=8 run scripts.chat_rl --num-iterations 10 --examples-per-step 8 --num-sampl
     --eval-every 10 --eval-examples 32 --eval-samples 2
 TAIL=4 run scripts.chat_eval -i rl -a Arithmetic --max-problems 32 --max-new-tokens 96
 TAIL=4 run scripts.chat_cli -p "What is 12 times 4?" -t 0 --max-tokens 64
+# the server on CUDA: one OpenAI-style request through the scheduler (continuous batching) and back
+TAIL=2 run dev.smoke_chat_web

@@ -25,6 +25,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import tempfile
 import time
 import urllib.request
@@ -63,9 +64,12 @@ def download_eval_bundle(url=EVAL_BUNDLE_URL, base_dir=None, retries=DOWNLOAD_RE
                     shutil.copyfileobj(response, f, length=1 << 20)
                 break
             except OSError as error:  # URLError, timeouts and connection resets are all OSErrors
-                if attempt == retries:
+                # a host name that does not resolve (EAI_NONAME: an offline box) will not resolve in 15 s
+                # either; a temporary DNS failure is EAI_AGAIN and is retried like the rest
+                unresolvable = getattr(getattr(error, "reason", None), "errno", None) == socket.EAI_NONAME
+                if attempt == retries or unresolvable:
                     raise RuntimeError(
-                        f"could not download the CORE eval bundle from {url} after {retries} attempts: {error}\n"
+                        f"could not download the CORE eval bundle from {url} after {attempt} attempt(s): {error}\n"
                         f"Download it elsewhere and put it at {zip_path}, or unzip it into {bundle_dir}."
                     ) from error
                 wait = 2 ** (attempt - 1)

@@ -296,7 +296,7 @@ def assert_resume_is_bit_exact(base_dir, module, stage_dir, flags):
 
 
 @pytest.mark.slow
-def test_mid_then_sft_scripts_resume_bit_exact_then_chat_eval_and_chat_cli(chat_base_dir):
+def test_mid_then_sft_scripts_resume_bit_exact(chat_base_dir):
     mid_flags = ["--device-batch-size", "4", "--total-batch-size", "2048", "--eval-every", "3", "--eval-tokens", "2048",
                  "--stand-in-size", "300", "--compile", "0"]
     log, meta = assert_resume_is_bit_exact(chat_base_dir, "scripts.mid_train", "mid_checkpoints", mid_flags)
@@ -304,22 +304,12 @@ def test_mid_then_sft_scripts_resume_bit_exact_then_chat_eval_and_chat_cli(chat_
     assert "## Midtraining" in open(os.path.join(chat_base_dir, "report", "midtraining.md")).read()
 
     sft_flags = ["--device-batch-size", "2", "--examples-per-step", "8", "--eval-every", "3", "--eval-steps", "4",
-                 "--eval-max-problems", "16", "--stand-in-size", "200"]
+                 "--eval-max-problems", "8", "--stand-in-size", "200"]
     log, meta = assert_resume_is_bit_exact(chat_base_dir, "scripts.chat_sft", "chatsft_checkpoints", sft_flags)
     assert meta["source"]["stage"] == "mid" and "WordNet-MC (stand-in) accuracy" in log
     section = open(os.path.join(chat_base_dir, "report", "chat-sft.md")).read()
     assert "Replies ending their turn, SFT model" in section and "Padded fraction of the rows" in section
-
-    # chat_eval on the stand-ins labels every score as a stand-in, in the log and in the report
-    log = run_script(chat_base_dir, "scripts.chat_eval", ["-i", "sft", "--max-problems", "4", "--max-new-tokens", "16"])
-    assert "STAND-INS" in log and "ChatCORE (stand-ins): " in log
-    section = open(os.path.join(chat_base_dir, "report", "chat-evaluation-sft.md")).read()
-    assert "- WordNet-MC (stand-in): " in section and "- Arithmetic (stand-in): " in section and "not the real benchmarks" in section
-
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(chat_base_dir), PYTHONPATH=REPO_ROOT)
-    result = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "-p", "Hello", "-t", "0", "--max-tokens", "8"],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "using the sft model" in result.stderr, result.stderr[-2000:]
+    # chat_eval and chat_cli on these checkpoints: tests/test_speedrun.py runs them after SFT and RL
 
 
 @pytest.mark.slow

@@ -206,3 +206,12 @@ def test_download_failure_says_what_to_do(tmp_path):
     with pytest.raises(RuntimeError, match="eval_bundle.zip"):
         download_eval_bundle("http://127.0.0.1:9/eval_bundle.zip", base_dir=str(tmp_path), retries=1)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_host_that_does_not_resolve_is_not_retried(tmp_path, caplog):
+    """.invalid never resolves (RFC 2606): an offline box gets its answer at once, not after 15 s of backoff."""
+    with caplog.at_level("INFO", logger="nanochat"), pytest.raises(RuntimeError, match=r"after 1 attempt\(s\)"):
+        download_eval_bundle("http://eval-bundle.invalid/eval_bundle.zip", base_dir=str(tmp_path), retries=5)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("downloading" in m for m in messages) == 1 and not any("retrying" in m for m in messages), messages
+    assert os.listdir(tmp_path) == []

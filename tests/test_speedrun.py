@@ -80,6 +80,10 @@ def test_smoke_speedrun_killed_during_sft_resumes_and_a_third_run_only_writes_th
     for section in ["## Base model training", "## Midtraining", "## Chat SFT", "## Chat RL", "## Stage times", "## Summary"]:
         assert section in report
     assert "offline stand-in" in report
+    # chat_eval on the stand-ins labels every score as one, in its section and in the summary table
+    section = (base_dir / "report" / "chat-evaluation-sft.md").read_text()
+    assert "- WordNet-MC (stand-in): " in section and "- Arithmetic (stand-in): " in section
+    assert "not the real benchmarks" in section and "ChatCORE (stand-ins)" in section
 
     # third run: nothing to do but the report; no checkpoint or tokenizer file is touched
     states = file_states(base_dir)
