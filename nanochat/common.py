@@ -173,3 +173,11 @@ def get_wandb(run_name, project="nanochat", config=None, master_process=True):
 
     os.makedirs(directory, exist_ok=True)
     return wandb.init(project=project, name=run_name, config=config, dir=directory)
+
+
+def format_duration(seconds, separator=""):
+    """3723.9 -> '1h02m03s' (log lines); with separator=" ", '1h 02m 03s' (the report). Whole seconds, truncated."""
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return separator.join([f"{hours}h", f"{minutes:02d}m", f"{seconds:02d}s"] if hours else [f"{minutes}m", f"{seconds:02d}s"])

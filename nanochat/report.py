@@ -28,7 +28,7 @@ import subprocess
 import sys
 
 from nanochat.artifacts import atomic_write
-from nanochat.common import get_base_dir, get_dist_info
+from nanochat.common import format_duration, get_base_dir, get_dist_info
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,11 +89,8 @@ def _format_value(value):
 
 
 def format_wall_time(seconds):
-    """3723.4 -> '1h 02m 03s', 245 -> '4m 05s'."""
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    return f"{hours}h {minutes:02d}m {seconds:02d}s" if hours else f"{minutes}m {seconds:02d}s"
+    """3723.4 -> '1h 02m 03s', 245 -> '4m 05s': rounded, where the training logs truncate."""
+    return format_duration(round(seconds), separator=" ")
 
 
 def _run(command, cwd=REPO_ROOT):

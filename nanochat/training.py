@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from nanochat.artifacts import DamagedArtifactError
 from nanochat.checkpoint_manager import find_last_step, list_whole_steps, load_checkpoint, save_checkpoint
-from nanochat.common import COMPUTE_DTYPES, autocast_context, compute_init, get_compute_dtype, get_dist_info, get_wandb, print0
+from nanochat.common import (COMPUTE_DTYPES, autocast_context, compute_init, format_duration, get_compute_dtype, get_dist_info,
+                             get_wandb, print0)
 from nanochat.report import curves_dir
 
 # dense bf16 tensor-core peak FLOP/s by GPU name (substring match, most specific first); used for MFU
@@ -94,13 +95,6 @@ def set_muon_momentum(muon, momentum):
 def is_due(step, every, last_step):
     """Periodic actions run every `every` steps (never when every <= 0, i.e. -1 = off) and always at the last step."""
     return last_step or (every > 0 and step % every == 0)
-
-
-def format_duration(seconds):
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
 def throughput_stats(tokens, seconds, flops_per_token, peak_flops, world_size):
