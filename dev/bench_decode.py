@@ -1,8 +1,8 @@
 """
 Decode speed of the engine: tokens/s at batch 1 and 8, with the KV cache (Engine.generate) and
 without it (GPT.generate-style full recompute of the whole sequence every step), plus the ratio;
-the same through the server's continuous-batching scheduler (rows at their own positions, padded
-to a multiple of 4); for each weight dtype asked for, against the memory-bandwidth limit
+the same through the server's continuous-batching scheduler (rows at their own positions; on CPU in
+float32 both run the exact Rust decode kernels); for each weight dtype asked for, against the memory-bandwidth limit
 (measured read bandwidth / bytes of weights read per token).
 
 A random-init model is fine: decode speed does not depend on the weights. Sampling is greedy

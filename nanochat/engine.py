@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from nanochat.calculator import NotCalculable, calculate
 from nanochat.common import get_compute_dtype
+from nanochat.exact_decode import ExactDecode, usable
 from nanochat.execution import execute_code, sandbox_is_strong
 
 CACHE_CHUNK = 1024  # the cache grows in steps of this many positions (rarely: the first size is prompt + max_tokens)
@@ -46,6 +47,7 @@ class KVCache:
         self.cache = None
         self.pos = 0
         self.decode_tables = None  # set by GPT.decode_step: its derived weights, checked once per cache
+        self.linear = None  # set by Engine on CPU float32: decode_step's matmuls (nanochat/exact_decode.py)
 
     def reset(self):
         self.pos = 0
@@ -178,6 +180,7 @@ class Engine:
         self.tool_timeout = tool_timeout
         self.run_tools = run_tools  # False: tool calls are generated but not run (nothing is forced in)
         self.allow_weak_sandbox = allow_weak_sandbox  # False: without bubblewrap, only calculator calls run
+        self.exact = None  # nanochat/exact_decode.py's kernels, made on the first CPU float32 cache
         special = tokenizer.encode_special
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
@@ -193,8 +196,15 @@ class Engine:
 
     def _new_cache(self, batch_size, seq_len):
         config = self.model.config
-        return KVCache(batch_size=batch_size, num_heads=config.n_kv_head, head_dim=config.n_embd // config.n_head,
-                       num_layers=config.n_layer, seq_len=seq_len)
+        cache = KVCache(batch_size=batch_size, num_heads=config.n_kv_head, head_dim=config.n_embd // config.n_head,
+                        num_layers=config.n_layer, seq_len=seq_len)
+        weights = next(self.model.parameters())
+        if usable(weights.device, weights.dtype):
+            # decode steps take their matmuls from the cache: the Rust kernels beat MKL's small-M sgemm ~2x here
+            if self.exact is None:
+                self.exact = ExactDecode()  # one per engine: the packed weights outlive each reply's cache
+            cache.linear = self.exact.linear
+        return cache
 
     def is_reply_end(self, token):
         """The one end-of-reply check: the assistant closed its turn, or began a new document."""

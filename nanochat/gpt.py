@@ -163,6 +163,14 @@ def decode_norm(x):
     return x * torch.rsqrt(torch.mean(x * x, -1, keepdim=True) + torch.finfo(torch.float32).eps)
 
 
+def decode_linear(x, weight, residual=None, normalize=False, relu_squared=False):
+    """Every matmul of a decode step: [residual +] [RMSNorm](x) @ weight, then optionally relu(.)^2."""
+    if normalize:
+        x = decode_norm(x)
+    out = torch.mm(x, weight) if residual is None else torch.addmm(residual, x, weight)  # addmm: the add is free
+    return torch.relu_(out).square_() if relu_squared else out
+
+
 def apply_rotary_emb(x, cos, sin):
     if x.requires_grad and torch.is_grad_enabled():
         return Rotary.apply(x, cos, sin)
@@ -491,8 +499,11 @@ class GPT(nn.Module):
         Why: at depth 4 a decode step is ~400 tiny ops, so per-op and Python overhead dominate; this works on
         2-D [B, C] rows, does q|k|v as one matmul, rotary+norm for q and k together, no transposes, adds the
         residuals inside addmm, and skips module attribute lookups.
+        A cache may bring its own `linear` (decode_linear's signature, fused): the scheduler's exact CPU kernels
+        (nanochat/exact_decode.py).
         """
         layers, head, wte, cos2, sin2 = self._decode_tables(kv_cache)
+        linear = getattr(kv_cache, "linear", None) or decode_linear
         B = idx.size(0)
         pos = kv_cache.get_pos()
         cfg = self.config
@@ -507,13 +518,13 @@ class GPT(nn.Module):
         for w_qkv, w_o, w_fc, w_proj, layer_idx, value_embed, lambdas in layers:
             if lambdas is not None:
                 x = lambdas[0] * x + lambdas[1] * x0
-            qkv = torch.mm(decode_norm(x), w_qkv)
+            qkv = linear(x, w_qkv, normalize=True)
             if value_embed is not None:
                 qkv[:, (H + Hkv) * D:] += F.embedding(idx.view(B), value_embed).to(qkv.dtype)
             y = self._decode_attention(qkv, rotary, kv_cache, layer_idx, H, Hkv, D)
-            x = torch.addmm(x, y, w_o)
-            x = torch.addmm(x, torch.relu_(torch.mm(decode_norm(x), w_fc)).square_(), w_proj)
-        logits = torch.mm(decode_norm(x), head)
+            x = linear(y, w_o, residual=x)
+            x = linear(linear(x, w_fc, normalize=True, relu_squared=True), w_proj, residual=x)
+        logits = linear(x, head, normalize=True)
         if logits.dtype != torch.float32:
             logits = logits.float()
         return logits.div_(LOGIT_SOFTCAP).tanh_().mul_(LOGIT_SOFTCAP)

@@ -18,12 +18,13 @@ replicas wait in one shared, bounded queue; beyond that submit() raises QueueFul
 
 Why a row's output does not depend on the other rows (greedy replies are the same text under load as alone):
 - prefill is always batch 1, and each row samples from its own logits with its own torch.Generator;
-- attention runs row by row over that row's own keys only (no padding inside a reduction);
-- the matmuls see a batch padded to a multiple of ROW_MULTIPLE rows: MKL's sgemm computes a row the same
-  way for every M that is a multiple of 4, but M = 1..3 take another kernel, and M = 5..7 split the rows
-  unevenly between threads (measured on this repo's CPU build). The padded rows skip attention, but
-  the matmuls pay for them: on a 2-core AMD EPYC a step of 4 rows costs ~2x a step of 1 (8 rows ~2.3x),
-  so a lone request decodes at about half its unpadded speed. --max-batch 1 (no sharing) pads nothing.
+- on CPU in float32 the step's matmuls and attention run in Rust kernels (nanochat/exact_decode.py) that give
+  every output number one fixed chain of fused multiply-adds, whatever the batch: no padding needed, and they
+  beat MKL's small-M sgemm (a lone request decodes faster than through torch, 8 rows cost ~2x one row);
+- elsewhere (CUDA, bf16, a build without the kernels) attention runs row by row over each row's own keys
+  and the matmuls see a batch padded to a multiple of ROW_MULTIPLE rows: MKL's sgemm computes a row the same
+  way for every M that is a multiple of 4, but M = 1..3 take another kernel and M = 5..7 split the rows
+  unevenly between threads. Padding costs a lone request ~half its speed; --max-batch 1 pads nothing.
 """
 import os
 import threading
@@ -38,8 +39,9 @@ import torch.nn.functional as F
 
 from nanochat.common import logger
 from nanochat.engine import CACHE_CHUNK, IncrementalDecoder, RowState, sample_next_token, tool_call_display
+from nanochat.exact_decode import ExactDecode, usable
 
-ROW_MULTIPLE = 4  # decode batches are padded to a multiple of this many rows (see the docstring: exactness)
+ROW_MULTIPLE = 4  # without the exact kernels, decode batches are padded to a multiple of this many rows (docstring)
 IDLE_WAIT_S = 0.05  # how often a loop whose rows all wait on tool calls looks for cancellations
 
 
@@ -73,8 +75,11 @@ class SlotCache:
     which writes each row's new key/value at that row's own position and attends each row over its own length.
     """
 
-    def __init__(self, num_slots, num_layers, num_kv_heads, head_dim):
+    def __init__(self, num_slots, num_layers, num_kv_heads, head_dim, exact=False):
         self.num_slots, self.num_layers, self.num_kv_heads, self.head_dim = num_slots, num_layers, num_kv_heads, head_dim
+        # exact CPU kernels: decode_step takes its matmuls from here, attend() runs in Rust; else torch with padding
+        self.exact = ExactDecode() if exact else None
+        self.linear = self.exact.linear if exact else None
         self.cache = None  # allocated on the first prompt, in its dtype and device
         self.capacity = 0
         self.lengths = [0] * num_slots
@@ -102,8 +107,9 @@ class SlotCache:
         self.step_slots = slots
         self.step_lengths = [self.lengths[s] for s in slots]
         device = self.cache.device
-        self.slot_index = torch.tensor(slots, device=device)
-        self.position_index = torch.tensor(self.step_lengths, device=device)
+        if self.exact is None:  # the torch path writes the new keys and values with these
+            self.slot_index = torch.tensor(slots, device=device)
+            self.position_index = torch.tensor(self.step_lengths, device=device)
         # padded rows sit at position 0: their rotary angle is valid and their output is never read
         self.positions = torch.tensor(self.step_lengths + [0] * (padded_rows - len(slots)), device=device)
 
@@ -114,6 +120,9 @@ class SlotCache:
         """q [B, H, 1, D], k and v [B, Hkv, 1, D] of the new tokens (B padded) -> attention output [B, H, 1, D]."""
         rows = len(self.step_slots)
         layer = self.cache[layer_idx]
+        if self.exact is not None:  # one Rust call: writes each row's k, v and attends it over its own length
+            return self.exact.attend(layer[0], layer[1], self.step_slots, self.step_lengths,
+                                     q[:, :, 0], k[:, :, 0], v[:, :, 0]).unsqueeze(2)
         # advanced indices (slot, position) around a slice: each selects [rows, Hkv, D], one position per row
         layer[0, self.slot_index, :, self.position_index] = k[:rows, :, 0]
         layer[1, self.slot_index, :, self.position_index] = v[:rows, :, 0]
@@ -176,8 +185,9 @@ class Replica:
 
     def __init__(self, index, engine, scheduler, max_batch):
         self.index, self.engine, self.scheduler = index, engine, scheduler
-        config = engine.model.config
-        self.cache = SlotCache(max_batch, config.n_layer, config.n_kv_head, config.n_embd // config.n_head)
+        config, weights = engine.model.config, next(engine.model.parameters())
+        self.cache = SlotCache(max_batch, config.n_layer, config.n_kv_head, config.n_embd // config.n_head,
+                               exact=usable(weights.device, weights.dtype))
         self.free_slots = list(range(max_batch))
         self.rows = []
         self.in_flight = 0  # rows plus requests being admitted (read by the scheduler under its lock)
@@ -243,8 +253,8 @@ class Replica:
             self.advance(row, None if skip_sampling else row.sample(logits[i:i + 1]), greedy_tokens[i])
 
     def padded_rows(self, rows):
-        # a replica of one row never shares a step, so it has nothing to stay exact against: no padding
-        multiple = ROW_MULTIPLE if self.cache.num_slots > 1 else 1
+        # exact kernels need no padding; nor does a replica of one row (it never shares a step)
+        multiple = ROW_MULTIPLE if self.cache.num_slots > 1 and self.cache.exact is None else 1
         return -(-rows // multiple) * multiple
 
     def advance(self, row, sampled, greedy):

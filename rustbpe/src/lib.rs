@@ -12,6 +12,9 @@
 //! instead of fancy-regex's backtracking VM.
 //!
 //! The resulting merges are exported as tiktoken-style mergeable ranks so inference can use tiktoken.
+//!
+//! The crate also carries the chat server's CPU decode kernels (decode.rs): one compiled extension is
+//! simpler to build and ship than two.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -23,6 +26,8 @@ use pyo3::exceptions::{PyTypeError, PyUserWarning, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString};
 use rayon::prelude::*;
+
+pub mod decode;
 
 /// GPT-4's split pattern, except digits are grouped 1-2 at a time (not 1-3): measured to waste fewer
 /// merges on number chunks at small vocab sizes.
@@ -521,6 +526,10 @@ impl Tokenizer {
 fn rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Tokenizer>()?;
     m.add("GPT4_PATTERN", GPT4_PATTERN)?;
+    m.add_function(wrap_pyfunction!(decode::decode_matmul, m)?)?;
+    m.add_function(wrap_pyfunction!(decode::decode_attention, m)?)?;
+    m.add_function(wrap_pyfunction!(decode::decode_kernels_vectorized, m)?)?;
+    m.add("DECODE_PANEL", decode::PANEL)?;
     Ok(())
 }
 

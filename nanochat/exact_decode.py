@@ -1,0 +1,103 @@
+"""
+Batch-independent decode on CPU: the matmuls and attention of a continuous-batching step, computed so a row's
+logits are the same bits whether it shares the step with 0 or 15 other rows (kernels: rustbpe/src/decode.rs).
+
+Why not torch: BLAS chooses its kernel and thread split by the number of rows M. On this repo's MKL build
+M = 1..3 take one kernel and M = 5..7 split rows unevenly between threads, so a row's last bits depend on its
+batch-mates, and over a long greedy reply a near-tie argmax eventually flips. The fix used to be padding
+every step to a multiple of 4 rows, which made a lone request ~2x slower. The Rust kernels give each output
+one fixed chain of fused multiply-adds instead, and they are faster for a few rows too: each 16-column panel
+of a weight matrix is read once for up to 6 rows (MKL's small-M sgemm runs at ~20 GFLOP/s on a 2-core EPYC).
+
+Weights are repacked once per model state into panels [N / 16, K, 16] (pack_panels); the decode tables of
+GPT.decode_step hold the weights as [K, N] views, which are the keys here.
+"""
+import torch
+import torch.nn.functional as F
+
+try:
+    import rustbpe
+    KERNELS = hasattr(rustbpe, "decode_matmul")
+except ImportError:  # a build without the extension: the scheduler falls back to padded torch steps
+    rustbpe, KERNELS = None, False
+
+PANEL = 16  # columns per packed panel (rustbpe.DECODE_PANEL)
+# multiply-adds below which a call runs on the calling thread alone. Waking a pool thread costs tens of
+# microseconds (more in a VM, where an idle vCPU is halted), so only big products are split
+PARALLEL_MIN_WORK = 1 << 23
+MAX_PACKED = 64  # packed weights kept; more means the model changed (training in the same process): start over
+
+
+def usable(device, dtype):
+    """Whether exact decode runs here: CPU, float32 weights, and the Rust kernels built."""
+    return KERNELS and torch.device(device).type == "cpu" and dtype == torch.float32
+
+
+def threads_for(work):
+    return 1 if work < PARALLEL_MIN_WORK else torch.get_num_threads()
+
+
+def pack_panels(weight):
+    """[K, N] (any strides) -> contiguous [ceil(N / 16), K, 16]; the last panel padded with zero columns."""
+    k, n = weight.shape
+    padded = -(-n // PANEL) * PANEL
+    weight = F.pad(weight, (0, padded - n)) if padded != n else weight
+    return weight.reshape(k, padded // PANEL, PANEL).permute(1, 0, 2).contiguous()
+
+
+class ExactDecode:
+    """The decode step's matmuls (gpt.decode_linear's signature) and attention for rows at their own positions."""
+
+    def __init__(self):
+        self.packed = {}  # id(weight view) -> (the view, its panels); the view is kept so its id stays unique
+
+    def panels(self, weight):
+        """(panels, K, N, address of the panels) for a [K, N] float32 CPU weight, packed on first use."""
+        entry = self.packed.get(id(weight))
+        if entry is None or entry[0] is not weight:
+            assert weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2
+            if len(self.packed) >= MAX_PACKED:
+                self.packed.clear()
+            panels = pack_panels(weight.detach())
+            entry = self.packed[id(weight)] = (weight, panels, weight.size(0), weight.size(1), panels.data_ptr())
+        return entry[1:]
+
+    def linear(self, x, weight, residual=None, normalize=False, relu_squared=False):
+        """
+        [residual +] f(x) @ weight for x [B, K], weight [K, N], float32 on the CPU, with f = RMSNorm when
+        `normalize`; relu_squared: relu(result)^2. The signature of gpt.decode_linear, fused in one call.
+        """
+        # runs ~20 times per decode step: the checks are the cheap ones that keep the raw pointers in bounds
+        _, k, n, address = self.panels(weight)
+        rows = x.shape[0]
+        if not x.is_contiguous():
+            x = x.contiguous()
+        assert x.dtype is torch.float32 and x.is_cpu and x.shape[1] == k, f"x {tuple(x.shape)} {x.dtype} for [{k}, {n}]"
+        out = torch.empty((rows, n))
+        if residual is not None:
+            assert residual.dtype is torch.float32 and residual.is_cpu and residual.shape == out.shape
+            residual = residual.contiguous()
+        rustbpe.decode_matmul(x.data_ptr(), rows, k, address, n, out.data_ptr(),
+                              0 if residual is None else residual.data_ptr(), normalize, relu_squared,
+                              threads_for(rows * k * n))
+        return out
+
+    def attend(self, layer_keys, layer_values, slots, positions, q, k, v):
+        """
+        layer_keys/values: one layer's [slots, Hkv, capacity, D] (contiguous views of one cache tensor);
+        q [B, H, D], k and v [B, Hkv, D] with any row stride but contiguous heads. Writes row r's k, v at
+        positions[r] of slots[r], returns attention over positions 0..positions[r] as [B, H, D].
+        """
+        B, H, D = q.shape
+        num_slots, Hkv, capacity, _ = layer_keys.shape
+        for t in (q, k, v):
+            assert t.dtype == torch.float32 and t.stride(2) == 1 and t.stride(1) == D, "heads must be contiguous"
+        assert layer_keys.is_contiguous() and layer_values.is_contiguous() and layer_keys.dtype == torch.float32
+        assert len(slots) == len(positions) == B and all(0 <= s < num_slots for s in slots)
+        out = torch.empty(B, H, D)
+        element = layer_keys.element_size()
+        value_offset = (layer_values.data_ptr() - layer_keys.data_ptr()) // element
+        rustbpe.decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), (q.stride(0), k.stride(0), v.stride(0)),
+                                 out.data_ptr(), layer_keys.data_ptr(), value_offset, capacity, slots, positions,
+                                 H, Hkv, D, threads_for(2 * H * D * (sum(positions) + B)))
+        return out

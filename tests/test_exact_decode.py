@@ -1,0 +1,133 @@
+"""
+The Rust decode kernels (rustbpe/src/decode.rs through nanochat/exact_decode.py): they compute what torch
+computes (to float32 rounding), a row's result is bit-identical whatever the batch around it, attention writes
+each row's new key and value at that row's own position, and the engine and the scheduler use them on CPU float32.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat.engine import Engine
+from nanochat.exact_decode import ExactDecode, pack_panels, usable
+from nanochat.scheduler import Scheduler
+
+from conftest import random_gpt
+
+pytestmark = pytest.mark.skipif(not usable("cpu", torch.float32), reason="rustbpe built without the decode kernels")
+
+
+def test_pack_panels_pads_the_last_panel_with_zero_columns():
+    weight = torch.arange(3 * 20, dtype=torch.float32).view(3, 20)
+    panels = pack_panels(weight)
+    assert panels.shape == (2, 3, 16)
+    assert torch.equal(panels[0], weight[:, :16]) and torch.equal(panels[1, :, :4], weight[:, 16:])
+    assert not panels[1, :, 4:].any()
+
+
+@pytest.mark.parametrize("normalize,relu_squared,residual", [(False, False, False), (True, False, False),
+                                                             (False, True, False), (False, False, True)])
+def test_linear_computes_what_torch_computes(normalize, relu_squared, residual):
+    generator = torch.Generator().manual_seed(0)
+    # odd sizes: a partial last panel (45 = 2 x 16 + 13) and rows that do not fill a group of 6
+    x = torch.randn(11, 37, generator=generator)
+    weight = torch.randn(45, 37, generator=generator).t()  # [K, N] as a transposed view, like the decode tables
+    base = torch.randn(11, 45, generator=generator) if residual else None
+    got = ExactDecode().linear(x, weight, residual=base, normalize=normalize, relu_squared=relu_squared)
+    expected = F.rms_norm(x, (37,), eps=torch.finfo(torch.float32).eps) if normalize else x
+    expected = expected.double() @ weight.double() + (0 if base is None else base.double())
+    if relu_squared:
+        expected = F.relu(expected).square()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_rows_product_is_bit_identical_in_any_batch():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 256, generator=generator)
+    weight = torch.randn(1000, 256, generator=generator).t() * 0.05
+    exact = ExactDecode()
+    full = exact.linear(x, weight, normalize=True)
+    for rows in range(1, 16):
+        assert torch.equal(exact.linear(x[:rows], weight, normalize=True), full[:rows]), f"{rows} rows"
+    order = torch.randperm(16, generator=generator)
+    assert torch.equal(exact.linear(x[order], weight, normalize=True), full[order])
+
+
+def attention_setup(generator, slots=5, kv_heads=2, heads=4, capacity=32, dim=16):
+    cache = torch.randn(2, slots, kv_heads, capacity, dim, generator=generator)  # keys, values of one layer
+    return cache, heads, dim
+
+
+def test_attention_writes_each_rows_key_at_its_position_and_matches_sdpa():
+    generator = torch.Generator().manual_seed(2)
+    cache, heads, dim = attention_setup(generator)
+    kv_heads = cache.size(2)
+    slots, positions = [3, 0, 4], [7, 0, 20]
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * dim, generator=generator)  # rows with q, k, v side by side
+    q = qkv[:, :heads * dim].view(3, heads, dim)
+    k = qkv[:, heads * dim:(heads + kv_heads) * dim].view(3, kv_heads, dim)
+    v = qkv[:, (heads + kv_heads) * dim:].view(3, kv_heads, dim)
+    before = cache.clone()
+    out = ExactDecode().attend(cache[0], cache[1], slots, positions, q, k, v)
+    for row, (slot, position) in enumerate(zip(slots, positions)):
+        assert torch.equal(cache[0, slot, :, position], k[row]) and torch.equal(cache[1, slot, :, position], v[row])
+        keys, values = cache[0, slot, :, :position + 1], cache[1, slot, :, :position + 1]
+        expected = F.scaled_dot_product_attention(q[row].unsqueeze(1), keys.repeat_interleave(2, 0),
+                                                  values.repeat_interleave(2, 0)).squeeze(1)
+        torch.testing.assert_close(out[row], expected, rtol=1e-5, atol=1e-5)
+    written = torch.zeros_like(cache, dtype=torch.bool)
+    for slot, position in zip(slots, positions):
+        written[:, slot, :, position] = True
+    assert torch.equal(cache[~written], before[~written])  # nothing else in the cache moved
+
+
+def test_attention_of_a_row_is_bit_identical_alone_and_in_a_batch():
+    generator = torch.Generator().manual_seed(3)
+    cache, heads, dim = attention_setup(generator, capacity=64, dim=128)
+    kv_heads = cache.size(2)
+    q = torch.randn(4, heads, dim, generator=generator)
+    k, v = torch.randn(4, kv_heads, dim, generator=generator), torch.randn(4, kv_heads, dim, generator=generator)
+    slots, positions = [0, 1, 2, 4], [5, 40, 63, 17]
+    exact = ExactDecode()
+    together = exact.attend(cache[0], cache[1], slots, positions, q, k, v)
+    for row in range(4):
+        alone = exact.attend(cache[0], cache[1], slots[row:row + 1], positions[row:row + 1], q[row:row + 1],
+                             k[row:row + 1], v[row:row + 1])
+        assert torch.equal(alone[0], together[row])
+    assert math.isfinite(together.sum().item())
+
+
+def test_attention_refuses_a_position_past_the_cache():
+    generator = torch.Generator().manual_seed(4)
+    cache, heads, dim = attention_setup(generator)
+    q = torch.randn(1, heads, dim)
+    k = v = torch.randn(1, cache.size(2), dim)
+    with pytest.raises(ValueError, match="positions"):
+        ExactDecode().attend(cache[0], cache[1], [0], [cache.size(3)], q, k, v)
+
+
+def test_the_engine_and_the_scheduler_use_the_kernels_on_cpu_float32_only(tiny_tokenizer):
+    model = random_gpt(tiny_tokenizer, n_layer=1)
+    engine = Engine(model, tiny_tokenizer)
+    assert engine._new_cache(1, 8).linear is not None
+    replica = Scheduler([engine], max_batch=4, queue_size=0).replicas[0]
+    assert replica.cache.exact is not None and replica.padded_rows(3) == 3  # exact kernels need no padding
+    bf16_engine = Engine(random_gpt(tiny_tokenizer, n_layer=1).to(torch.bfloat16), tiny_tokenizer)
+    assert bf16_engine._new_cache(1, 8).linear is None
+    bf16_replica = Scheduler([bf16_engine], max_batch=4, queue_size=0).replicas[0]
+    assert bf16_replica.cache.exact is None and bf16_replica.padded_rows(3) == 4  # the torch path pads
+
+
+def test_a_decode_step_through_the_kernels_matches_the_full_forward(tiny_tokenizer):
+    model = random_gpt(tiny_tokenizer, n_layer=2, n_kv_head=2)  # GQA too
+    engine = Engine(model, tiny_tokenizer)
+    tokens = tiny_tokenizer.encode("The sea is wide and the wind is cold.")
+    with torch.inference_mode():
+        _, prompt_cache = engine.prefill(tokens[:-3])
+        cache = engine._new_cache(1, len(tokens))
+        cache.prefill(prompt_cache)
+        steps = [model.forward(torch.tensor([[token]]), kv_cache=cache)[0, -1] for token in tokens[-3:]]
+        full = model.forward(torch.tensor([tokens]))[0, -3:]
+    assert cache.linear is not None
+    torch.testing.assert_close(torch.stack(steps), full, rtol=1e-4, atol=1e-4)
