@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from nanochat.engine import Engine
+from nanochat.engine import Engine, prepare_for_inference
 from nanochat.gpt import GPT, model_config_from_depth
 from nanochat.scheduler import GenerationRequest, Scheduler
 
@@ -143,12 +143,16 @@ def time_naive(engine, batch_size):
 
 
 for dtype_name in args.dtypes.split(","):
-    typed_model = copy.deepcopy(model).to(getattr(torch, dtype_name))  # the inference copy, as prepare_for_inference makes it
-    weight_bytes = sum(p.numel() * p.element_size() for p in typed_model.parameters()
+    # the inference copy the chat server makes: bf16 weights, or (CPU without AMX) fp32 with bf16 decode kernels
+    typed_model = prepare_for_inference(copy.deepcopy(model), dtype_name)
+    element_bytes = torch.finfo(getattr(torch, dtype_name)).bits // 8
+    weight_bytes = sum(p.numel() * element_bytes for p in typed_model.parameters()
                        if p is not typed_model.transformer.wte.weight)  # the embedding is a lookup: one row per token
     limit = bandwidth * 1e9 / weight_bytes
-    print(f"{dtype_name}: {weight_bytes / 1e6:.0f} MB of weights read per decode step: bandwidth limit {limit:.0f} tok/s at batch 1")
     engine = Engine(typed_model, SpecialTokensOnly(args.vocab_size))
+    path = "torch" if engine.decode_kernels() is None else f"exact CPU kernels, {engine.decode_kernels().weight_dtype} panels"
+    print(f"{dtype_name} ({path}): {weight_bytes / 1e6:.0f} MB of weights read per decode step: "
+          f"bandwidth limit {limit:.0f} tok/s at batch 1")
     scheduler = Scheduler([engine], max_batch=8, queue_size=8)
     for batch_size in (1, 8):
         cached = time_engine(engine, batch_size)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.calculator import NotCalculable, calculate
-from nanochat.common import get_compute_dtype
+from nanochat.common import cpu_has_fast_bf16, get_compute_dtype
 from nanochat.exact_decode import ExactDecode, usable
 from nanochat.execution import execute_code, sandbox_is_strong
 
@@ -47,7 +47,7 @@ class KVCache:
         self.cache = None
         self.pos = 0
         self.decode_tables = None  # set by GPT.decode_step: its derived weights, checked once per cache
-        self.linear = None  # set by Engine on CPU float32: decode_step's matmuls (nanochat/exact_decode.py)
+        self.kernels = None  # set by Engine on CPU float32: the exact decode kernels (nanochat/exact_decode.py)
 
     def reset(self):
         self.pos = 0
@@ -77,6 +77,18 @@ class KVCache:
         if layer_idx == self.num_layers - 1:
             self.pos = end
         return keys, values
+
+    def attend_qkv(self, layer_idx, qkv, heads, rotary):
+        """With kernels: one decode step's attention, qkv [B, (H + 2 Hkv) D] -> [B, H, D], every row at self.pos."""
+        end = self.pos + 1
+        if self.cache is None or end > self.capacity:
+            self._allocate(max(self.capacity, (end + CACHE_CHUNK - 1) // CACHE_CHUNK * CACHE_CHUNK), qkv)
+        layer = self.cache[layer_idx]
+        y = self.kernels.attend(layer[0], layer[1], list(range(self.batch_size)), [self.pos] * self.batch_size, qkv,
+                                heads, rotary)
+        if layer_idx == self.num_layers - 1:
+            self.pos = end
+        return y
 
     def prefill(self, other):
         """Copy another cache (usually batch 1, after the prompt) into every row of this one."""
@@ -155,9 +167,15 @@ def prepare_for_inference(model, dtype="auto"):
     halve the bytes per token (autocast would instead re-cast the fp32 weights at every step).
     dtype "auto" decides as training does (common.get_compute_dtype): bf16 on CUDA and on CPUs with AMX,
     fp32 elsewhere (without AMX, bf16 matmuls are emulated: slower than fp32, not faster).
+    On a CPU without AMX, an explicit "bfloat16" keeps the model in fp32 and gives only the decode kernels a bf16
+    copy (model.decode_weight_dtype, read by Engine): fp32 activations, half the weight bytes, no emulated matmuls.
     """
-    if get_compute_dtype(model.get_device(), dtype) == torch.bfloat16:
-        model = model.to(torch.bfloat16)
+    device = model.get_device()
+    if get_compute_dtype(device, dtype) == torch.bfloat16:
+        if device.type == "cpu" and not cpu_has_fast_bf16() and usable(device, next(model.parameters()).dtype):
+            model.decode_weight_dtype = torch.bfloat16
+        else:
+            model = model.to(torch.bfloat16)
     return model.eval()
 
 
@@ -180,7 +198,7 @@ class Engine:
         self.tool_timeout = tool_timeout
         self.run_tools = run_tools  # False: tool calls are generated but not run (nothing is forced in)
         self.allow_weak_sandbox = allow_weak_sandbox  # False: without bubblewrap, only calculator calls run
-        self.exact = None  # nanochat/exact_decode.py's kernels, made on the first CPU float32 cache
+        self.exact = None  # nanochat/exact_decode.py's kernels, made on first use (decode_kernels)
         special = tokenizer.encode_special
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
@@ -198,13 +216,17 @@ class Engine:
         config = self.model.config
         cache = KVCache(batch_size=batch_size, num_heads=config.n_kv_head, head_dim=config.n_embd // config.n_head,
                         num_layers=config.n_layer, seq_len=seq_len)
-        weights = next(self.model.parameters())
-        if usable(weights.device, weights.dtype):
-            # decode steps take their matmuls from the cache: the Rust kernels beat MKL's small-M sgemm ~2x here
-            if self.exact is None:
-                self.exact = ExactDecode()  # one per engine: the packed weights outlive each reply's cache
-            cache.linear = self.exact.linear
+        cache.kernels = self.decode_kernels()  # decode steps run on them when set: ~2x torch's speed on CPU here
         return cache
+
+    def decode_kernels(self):
+        """The exact CPU decode kernels (nanochat/exact_decode.py) for this model, or None where they do not run."""
+        weights = next(self.model.parameters())
+        if not usable(weights.device, weights.dtype):
+            return None
+        if self.exact is None:  # one per engine: the packed weights outlive each reply's cache
+            self.exact = ExactDecode(getattr(self.model, "decode_weight_dtype", torch.float32))
+        return self.exact
 
     def is_reply_end(self, token):
         """The one end-of-reply check: the assistant closed its turn, or began a new document."""

@@ -8,9 +8,14 @@ batch-mates, and over a long greedy reply a near-tie argmax eventually flips. Th
 every step to a multiple of 4 rows, which made a lone request ~2x slower. The Rust kernels give each output
 one fixed chain of fused multiply-adds instead, and they are faster for a few rows too: each 16-column panel
 of a weight matrix is read once for up to 6 rows (MKL's small-M sgemm runs at ~20 GFLOP/s on a 2-core EPYC).
+A depth-4 step is ~20 tiny products and 4 attentions, where torch's ~5 us per op adds up, so each call also
+does the work around it: RMSNorm before a matmul, the residual add or relu^2 after it; rotary, QK-norm and
+the cache write before attention.
 
 Weights are repacked once per model state into panels [N / 16, K, 16] (pack_panels); the decode tables of
-GPT.decode_step hold the weights as [K, N] views, which are the keys here.
+GPT.decode_step hold the weights as [K, N] views, which are the keys here. The panels may be bfloat16
+(`--dtype bfloat16` on a CPU without AMX, see engine.prepare_for_inference): half the bytes per token, with
+float32 activations and sums, where torch would emulate bf16 matmuls slowly.
 """
 import torch
 import torch.nn.functional as F
@@ -37,18 +42,21 @@ def threads_for(work):
     return 1 if work < PARALLEL_MIN_WORK else torch.get_num_threads()
 
 
-def pack_panels(weight):
-    """[K, N] (any strides) -> contiguous [ceil(N / 16), K, 16]; the last panel padded with zero columns."""
+def pack_panels(weight, dtype=torch.float32):
+    """[K, N] (any strides) -> contiguous [ceil(N / 16), K, 16] in `dtype`; the last panel padded with zero columns."""
     k, n = weight.shape
     padded = -(-n // PANEL) * PANEL
     weight = F.pad(weight, (0, padded - n)) if padded != n else weight
-    return weight.reshape(k, padded // PANEL, PANEL).permute(1, 0, 2).contiguous()
+    return weight.reshape(k, padded // PANEL, PANEL).permute(1, 0, 2).to(dtype).contiguous()
 
 
 class ExactDecode:
     """The decode step's matmuls (gpt.decode_linear's signature) and attention for rows at their own positions."""
 
-    def __init__(self):
+    def __init__(self, weight_dtype=torch.float32):
+        # bfloat16: the packed copy halves the bytes a step streams (activations and sums stay float32)
+        assert weight_dtype in (torch.float32, torch.bfloat16), weight_dtype
+        self.weight_dtype = weight_dtype
         self.packed = {}  # id(weight view) -> (the view, its panels); the view is kept so its id stays unique
 
     def panels(self, weight):
@@ -58,7 +66,7 @@ class ExactDecode:
             assert weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2
             if len(self.packed) >= MAX_PACKED:
                 self.packed.clear()
-            panels = pack_panels(weight.detach())
+            panels = pack_panels(weight.detach(), self.weight_dtype)
             entry = self.packed[id(weight)] = (weight, panels, weight.size(0), weight.size(1), panels.data_ptr())
         return entry[1:]
 
@@ -77,27 +85,36 @@ class ExactDecode:
         if residual is not None:
             assert residual.dtype is torch.float32 and residual.is_cpu and residual.shape == out.shape
             residual = residual.contiguous()
-        rustbpe.decode_matmul(x.data_ptr(), rows, k, address, n, out.data_ptr(),
+        rustbpe.decode_matmul(x.data_ptr(), rows, k, address, self.weight_dtype is torch.bfloat16, n, out.data_ptr(),
                               0 if residual is None else residual.data_ptr(), normalize, relu_squared,
                               threads_for(rows * k * n))
         return out
 
-    def attend(self, layer_keys, layer_values, slots, positions, q, k, v):
+    def attend(self, layer_keys, layer_values, slots, positions, qkv, heads, rotary=None):
         """
-        layer_keys/values: one layer's [slots, Hkv, capacity, D] (contiguous views of one cache tensor);
-        q [B, H, D], k and v [B, Hkv, D] with any row stride but contiguous heads. Writes row r's k, v at
-        positions[r] of slots[r], returns attention over positions 0..positions[r] as [B, H, D].
+        One decode step's attention, rows at their own positions. qkv [B, (H + 2 Hkv) D]: each row's query, key
+        and value heads side by side (the qkv matmul's output); rotary: (cos, sin) tables [T, D] in the
+        GPT._decode_tables form, applied with QK-norm to q and k first (None: q and k are used as they are).
+        layer_keys/values: one layer's [slots, Hkv, capacity, D] (views of one contiguous cache tensor).
+        Writes row r's key and value at positions[r] of slots[r]; returns [B, H, D], each row attending
+        over positions 0..positions[r] of its slot.
         """
-        B, H, D = q.shape
-        num_slots, Hkv, capacity, _ = layer_keys.shape
-        for t in (q, k, v):
-            assert t.dtype == torch.float32 and t.stride(2) == 1 and t.stride(1) == D, "heads must be contiguous"
+        num_slots, kv_heads, capacity, dim = layer_keys.shape
+        rows = qkv.shape[0]
+        assert qkv.dtype is torch.float32 and qkv.is_cpu and qkv.stride(1) == 1
+        assert qkv.shape[1] == (heads + 2 * kv_heads) * dim, f"qkv {tuple(qkv.shape)} for {heads}+2x{kv_heads} heads of {dim}"
         assert layer_keys.is_contiguous() and layer_values.is_contiguous() and layer_keys.dtype == torch.float32
-        assert len(slots) == len(positions) == B and all(0 <= s < num_slots for s in slots)
-        out = torch.empty(B, H, D)
-        element = layer_keys.element_size()
-        value_offset = (layer_values.data_ptr() - layer_keys.data_ptr()) // element
-        rustbpe.decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), (q.stride(0), k.stride(0), v.stride(0)),
-                                 out.data_ptr(), layer_keys.data_ptr(), value_offset, capacity, slots, positions,
-                                 H, Hkv, D, threads_for(2 * H * D * (sum(positions) + B)))
+        assert layer_values.data_ptr() > layer_keys.data_ptr() and layer_values.shape == layer_keys.shape
+        assert len(slots) == len(positions) == rows and all(0 <= s < num_slots for s in slots)
+        tables = None
+        if rotary is not None:
+            cos, sin = rotary
+            assert cos.is_contiguous() and sin.is_contiguous() and cos.dtype is torch.float32 and sin.shape == cos.shape
+            assert cos.shape[1] == dim
+            tables = (cos.data_ptr(), sin.data_ptr(), cos.shape[0])
+        out = torch.empty(rows, heads, dim)
+        value_offset = (layer_values.data_ptr() - layer_keys.data_ptr()) // layer_keys.element_size()
+        rustbpe.decode_attention(qkv.data_ptr(), qkv.stride(0), tables, out.data_ptr(), layer_keys.data_ptr(),
+                                 value_offset, capacity, slots, positions, heads, kv_heads, dim,
+                                 threads_for(2 * heads * dim * (sum(positions) + rows)))
         return out

@@ -329,6 +329,9 @@ class GPT(nn.Module):
         cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, config.n_embd // config.n_head)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        # the dtype of the CPU decode kernels' packed weight copy (nanochat/exact_decode.py); engine.prepare_for_inference
+        # sets bf16 for `--dtype bfloat16` on CPUs without AMX. Not a parameter: never saved
+        self.decode_weight_dtype = torch.float32
 
     def init_weights(self):
         """Initialise every weight (call after building, or after to_empty() from the meta device)."""
@@ -499,20 +502,21 @@ class GPT(nn.Module):
         Why: at depth 4 a decode step is ~400 tiny ops, so per-op and Python overhead dominate; this works on
         2-D [B, C] rows, does q|k|v as one matmul, rotary+norm for q and k together, no transposes, adds the
         residuals inside addmm, and skips module attribute lookups.
-        A cache may bring its own `linear` (decode_linear's signature, fused): the scheduler's exact CPU kernels
-        (nanochat/exact_decode.py).
+        A cache may bring `kernels` (nanochat/exact_decode.py, CPU float32): then the matmuls are its fused
+        `linear` and attention is the cache's attend_qkv (rotary, QK-norm, cache write and attention in one call).
         """
         layers, head, wte, cos2, sin2 = self._decode_tables(kv_cache)
-        linear = getattr(kv_cache, "linear", None) or decode_linear
+        kernels = getattr(kv_cache, "kernels", None)  # the exact CPU kernels (nanochat/exact_decode.py), or None: torch
+        linear = decode_linear if kernels is None else kernels.linear
         B = idx.size(0)
         pos = kv_cache.get_pos()
         cfg = self.config
         H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
-        if torch.is_tensor(pos):  # continuous batching: each row at its own position (its owner checked the table)
+        if not torch.is_tensor(pos) and pos + 1 > cos2.size(0):
+            raise ValueError(f"sequence of {pos + 1} tokens exceeds the rotary table ({cos2.size(0)})")
+        if kernels is None and torch.is_tensor(pos):  # continuous batching: each row at its own position (checked by its owner)
             rotary = (cos2[pos].unsqueeze(1), sin2[pos].unsqueeze(1))  # [B, 1, D]: one angle per row
-        else:
-            if pos + 1 > cos2.size(0):
-                raise ValueError(f"sequence of {pos + 1} tokens exceeds the rotary table ({cos2.size(0)})")
+        elif kernels is None:
             rotary = (cos2[pos], sin2[pos])
         x = x0 = decode_norm(F.embedding(idx.view(B), wte))
         for w_qkv, w_o, w_fc, w_proj, layer_idx, value_embed, lambdas in layers:
@@ -521,7 +525,10 @@ class GPT(nn.Module):
             qkv = linear(x, w_qkv, normalize=True)
             if value_embed is not None:
                 qkv[:, (H + Hkv) * D:] += F.embedding(idx.view(B), value_embed).to(qkv.dtype)
-            y = self._decode_attention(qkv, rotary, kv_cache, layer_idx, H, Hkv, D)
+            if kernels is None:
+                y = self._decode_attention(qkv, rotary, kv_cache, layer_idx, H, Hkv, D)
+            else:  # rotary, QK-norm, the cache write and attention in one Rust call
+                y = kv_cache.attend_qkv(layer_idx, qkv, H, (cos2, sin2)).view(B, H * D)
             x = linear(y, w_o, residual=x)
             x = linear(linear(x, w_fc, normalize=True, relu_squared=True), w_proj, residual=x)
         logits = linear(x, head, normalize=True)

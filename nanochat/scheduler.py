@@ -39,7 +39,6 @@ import torch.nn.functional as F
 
 from nanochat.common import logger
 from nanochat.engine import CACHE_CHUNK, IncrementalDecoder, RowState, sample_next_token, tool_call_display
-from nanochat.exact_decode import ExactDecode, usable
 
 ROW_MULTIPLE = 4  # without the exact kernels, decode batches are padded to a multiple of this many rows (docstring)
 IDLE_WAIT_S = 0.05  # how often a loop whose rows all wait on tool calls looks for cancellations
@@ -75,11 +74,11 @@ class SlotCache:
     which writes each row's new key/value at that row's own position and attends each row over its own length.
     """
 
-    def __init__(self, num_slots, num_layers, num_kv_heads, head_dim, exact=False):
+    def __init__(self, num_slots, num_layers, num_kv_heads, head_dim, kernels=None):
         self.num_slots, self.num_layers, self.num_kv_heads, self.head_dim = num_slots, num_layers, num_kv_heads, head_dim
-        # exact CPU kernels: decode_step takes its matmuls from here, attend() runs in Rust; else torch with padding
-        self.exact = ExactDecode() if exact else None
-        self.linear = self.exact.linear if exact else None
+        # the engine's exact CPU kernels: decode_step runs its matmuls with them and attends through attend_qkv;
+        # None: torch, with attend() and padded batches
+        self.kernels = kernels
         self.cache = None  # allocated on the first prompt, in its dtype and device
         self.capacity = 0
         self.lengths = [0] * num_slots
@@ -107,9 +106,8 @@ class SlotCache:
         self.step_slots = slots
         self.step_lengths = [self.lengths[s] for s in slots]
         device = self.cache.device
-        if self.exact is None:  # the torch path writes the new keys and values with these
-            self.slot_index = torch.tensor(slots, device=device)
-            self.position_index = torch.tensor(self.step_lengths, device=device)
+        self.slot_index = torch.tensor(slots, device=device)
+        self.position_index = torch.tensor(self.step_lengths, device=device)
         # padded rows sit at position 0: their rotary angle is valid and their output is never read
         self.positions = torch.tensor(self.step_lengths + [0] * (padded_rows - len(slots)), device=device)
 
@@ -120,9 +118,6 @@ class SlotCache:
         """q [B, H, 1, D], k and v [B, Hkv, 1, D] of the new tokens (B padded) -> attention output [B, H, 1, D]."""
         rows = len(self.step_slots)
         layer = self.cache[layer_idx]
-        if self.exact is not None:  # one Rust call: writes each row's k, v and attends it over its own length
-            return self.exact.attend(layer[0], layer[1], self.step_slots, self.step_lengths,
-                                     q[:, :, 0], k[:, :, 0], v[:, :, 0]).unsqueeze(2)
         # advanced indices (slot, position) around a slice: each selects [rows, Hkv, D], one position per row
         layer[0, self.slot_index, :, self.position_index] = k[:rows, :, 0]
         layer[1, self.slot_index, :, self.position_index] = v[:rows, :, 0]
@@ -133,6 +128,11 @@ class SlotCache:
         if q.size(0) > rows:
             outputs.append(q.new_zeros((q.size(0) - rows,) + q.shape[1:]))
         return torch.cat(outputs)
+
+    def attend_qkv(self, layer_idx, qkv, heads, rotary):
+        """With kernels: qkv [B, (H + 2 Hkv) D] of the new tokens -> [B, H, D], each row at its own position."""
+        layer = self.cache[layer_idx]
+        return self.kernels.attend(layer[0], layer[1], self.step_slots, self.step_lengths, qkv, heads, rotary)
 
     def end_step(self):
         for slot in self.step_slots:
@@ -185,9 +185,9 @@ class Replica:
 
     def __init__(self, index, engine, scheduler, max_batch):
         self.index, self.engine, self.scheduler = index, engine, scheduler
-        config, weights = engine.model.config, next(engine.model.parameters())
+        config = engine.model.config
         self.cache = SlotCache(max_batch, config.n_layer, config.n_kv_head, config.n_embd // config.n_head,
-                               exact=usable(weights.device, weights.dtype))
+                               kernels=engine.decode_kernels())
         self.free_slots = list(range(max_batch))
         self.rows = []
         self.in_flight = 0  # rows plus requests being admitted (read by the scheduler under its lock)
@@ -254,7 +254,7 @@ class Replica:
 
     def padded_rows(self, rows):
         # exact kernels need no padding; nor does a replica of one row (it never shares a step)
-        multiple = ROW_MULTIPLE if self.cache.num_slots > 1 and self.cache.exact is None else 1
+        multiple = ROW_MULTIPLE if self.cache.num_slots > 1 and self.cache.kernels is None else 1
         return -(-rows // multiple) * multiple
 
     def advance(self, row, sampled, greedy):

@@ -520,7 +520,8 @@ def main():
                         help="replies each replica decodes together (continuous batching); more wait in the queue")
     parser.add_argument("--queue-size", type=int, default=32, help="requests that may wait for a free batch slot before 503")
     parser.add_argument("--dtype", type=str, default="auto", choices=COMPUTE_DTYPES,
-                        help="inference weights: auto = bf16 on CUDA and on CPUs with AMX, else float32 (as training)")
+                        help="inference weights: auto = bf16 on CUDA and on CPUs with AMX, else float32 (as training); "
+                             "bfloat16 on a CPU without AMX gives only the decode kernels a bf16 copy")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--request-timeout", type=float, default=10.0,
                         help="seconds a client has to send a whole request (headers and body) before it is "
@@ -549,8 +550,10 @@ def main():
     context_length = config["sequence_len"]  # what the model was trained on; beyond it replies degrade
     scheduler = Scheduler(engines, max_batch=args.max_batch, queue_size=args.queue_size)
     app = build_app(scheduler, tokenizer, model_name, args, context_length, api_docs=args.api_docs)
-    dtype = next(engines[0].model.parameters()).dtype
-    logger.info(f"serving {model_name} on {len(engines)} replica(s) of up to {args.max_batch} rows, {dtype} weights, "
+    kernels = engines[0].decode_kernels()
+    weights = (f"{next(engines[0].model.parameters()).dtype} weights" if kernels is None else
+               f"exact CPU decode kernels with {kernels.weight_dtype} weights")
+    logger.info(f"serving {model_name} on {len(engines)} replica(s) of up to {args.max_batch} rows, {weights}, "
                 f"at http://{args.host}:{args.port}")
     logger.info(sandbox_policy_line(args.host, args.allow_unsandboxed_code))
     uvicorn.run(refuse_large_bodies(app, MAX_BODY_BYTES), host=args.host, port=args.port, access_log=False,

@@ -175,13 +175,20 @@ def test_assistant_parts_round_trip_a_tool_call(tiny_tokenizer):
 
 
 def test_inference_weights_take_the_dtype_training_would_use(tiny_tokenizer):
-    from nanochat.common import get_compute_dtype
+    from nanochat.common import cpu_has_fast_bf16, get_compute_dtype
+    from nanochat.exact_decode import usable
 
     auto = prepare_for_inference(random_gpt(tiny_tokenizer), "auto")  # bf16 only where it is fast: CUDA, AMX CPUs
     assert auto.lm_head.weight.dtype == get_compute_dtype(torch.device("cpu"), "auto")
     assert prepare_for_inference(random_gpt(tiny_tokenizer), "float32").lm_head.weight.dtype == torch.float32
     model = prepare_for_inference(random_gpt(tiny_tokenizer), "bfloat16")
-    assert model.lm_head.weight.dtype == torch.bfloat16 and not model.training
-    tokens = tiny_tokenizer.encode("Hello", prepend="<|bos|>")  # the bf16 copy decodes (cache in bf16 too)
-    results, _ = Engine(model, tiny_tokenizer).generate_batch(tokens, max_tokens=5, temperature=0.0)
+    assert not model.training
+    engine = Engine(model, tiny_tokenizer)
+    if cpu_has_fast_bf16() or not usable("cpu", torch.float32):
+        assert model.lm_head.weight.dtype == torch.bfloat16 and engine.decode_kernels() is None
+    else:  # no AMX: torch would emulate bf16 matmuls, so only the decode kernels' packed copy is bf16
+        assert model.lm_head.weight.dtype == torch.float32 and model.decode_weight_dtype == torch.bfloat16
+        assert engine.decode_kernels().weight_dtype == torch.bfloat16
+    tokens = tiny_tokenizer.encode("Hello", prepend="<|bos|>")  # the bf16 copy decodes
+    results, _ = engine.generate_batch(tokens, max_tokens=5, temperature=0.0)
     assert len(results[0]) == len(tokens) + 5

@@ -54,22 +54,39 @@ def test_a_rows_product_is_bit_identical_in_any_batch():
     assert torch.equal(exact.linear(x[order], weight, normalize=True), full[order])
 
 
-def attention_setup(generator, slots=5, kv_heads=2, heads=4, capacity=32, dim=16):
-    cache = torch.randn(2, slots, kv_heads, capacity, dim, generator=generator)  # keys, values of one layer
-    return cache, heads, dim
+def test_bfloat16_panels_give_the_float32_product_of_the_rounded_weights_in_any_batch():
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 64, generator=generator)
+    weight = torch.randn(40, 64, generator=generator).t()
+    bf16 = ExactDecode(torch.bfloat16)
+    got = bf16.linear(x, weight, normalize=True)
+    assert bf16.panels(weight)[0].dtype == torch.bfloat16
+    assert torch.equal(got, ExactDecode().linear(x, weight.to(torch.bfloat16).float(), normalize=True))
+    for rows in (1, 2, 5):
+        assert torch.equal(bf16.linear(x[:rows], weight, normalize=True), got[:rows])
+
+
+def attention_inputs(generator, rows, slots=5, kv_heads=2, heads=4, capacity=32, dim=16):
+    """One layer's cache (keys, values) and a qkv matmul output: each row's q, k, v heads side by side."""
+    cache = torch.randn(2, slots, kv_heads, capacity, dim, generator=generator)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=generator)
+    return cache, qkv, heads
+
+
+def split_heads(qkv, heads, kv_heads, dim):
+    rows = qkv.size(0)
+    return (qkv[:, :heads * dim].view(rows, heads, dim), qkv[:, heads * dim:(heads + kv_heads) * dim].view(rows, kv_heads, dim),
+            qkv[:, (heads + kv_heads) * dim:].view(rows, kv_heads, dim))
 
 
 def test_attention_writes_each_rows_key_at_its_position_and_matches_sdpa():
     generator = torch.Generator().manual_seed(2)
-    cache, heads, dim = attention_setup(generator)
-    kv_heads = cache.size(2)
+    cache, qkv, heads = attention_inputs(generator, rows=3)
+    kv_heads, dim = cache.size(2), cache.size(4)
+    q, k, v = split_heads(qkv, heads, kv_heads, dim)
     slots, positions = [3, 0, 4], [7, 0, 20]
-    qkv = torch.randn(3, (heads + 2 * kv_heads) * dim, generator=generator)  # rows with q, k, v side by side
-    q = qkv[:, :heads * dim].view(3, heads, dim)
-    k = qkv[:, heads * dim:(heads + kv_heads) * dim].view(3, kv_heads, dim)
-    v = qkv[:, (heads + kv_heads) * dim:].view(3, kv_heads, dim)
     before = cache.clone()
-    out = ExactDecode().attend(cache[0], cache[1], slots, positions, q, k, v)
+    out = ExactDecode().attend(cache[0], cache[1], slots, positions, qkv, heads)
     for row, (slot, position) in enumerate(zip(slots, positions)):
         assert torch.equal(cache[0, slot, :, position], k[row]) and torch.equal(cache[1, slot, :, position], v[row])
         keys, values = cache[0, slot, :, :position + 1], cache[1, slot, :, :position + 1]
@@ -82,41 +99,59 @@ def test_attention_writes_each_rows_key_at_its_position_and_matches_sdpa():
     assert torch.equal(cache[~written], before[~written])  # nothing else in the cache moved
 
 
-def test_attention_of_a_row_is_bit_identical_alone_and_in_a_batch():
+def test_attention_applies_rotary_and_qk_norm_as_the_model_does():
     generator = torch.Generator().manual_seed(3)
-    cache, heads, dim = attention_setup(generator, capacity=64, dim=128)
-    kv_heads = cache.size(2)
-    q = torch.randn(4, heads, dim, generator=generator)
-    k, v = torch.randn(4, kv_heads, dim, generator=generator), torch.randn(4, kv_heads, dim, generator=generator)
+    cache, qkv, heads = attention_inputs(generator, rows=2)
+    kv_heads, dim = cache.size(2), cache.size(4)
+    angles = torch.rand(32, dim // 2, generator=generator) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin(), -angles.sin()], -1)  # GPT._decode_tables' form
+    slots, positions = [1, 2], [4, 9]
+    q, k, v = split_heads(qkv, heads, kv_heads, dim)
+    index = torch.tensor(positions)
+
+    def rotate_and_norm(x):  # what GPT._decode_attention does in torch
+        swapped = x.view(x.size(0), x.size(1), 2, dim // 2).flip(2).view_as(x)
+        return F.rms_norm(x * cos[index, None] + swapped * sin[index, None], (dim,), eps=torch.finfo(torch.float32).eps)
+
+    prepared = torch.cat([rotate_and_norm(q), rotate_and_norm(k), v], 1).view(2, -1)
+    plain_cache = cache.clone()
+    expected = ExactDecode().attend(plain_cache[0], plain_cache[1], slots, positions, prepared, heads)
+    got = ExactDecode().attend(cache[0], cache[1], slots, positions, qkv, heads, rotary=(cos, sin))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache, plain_cache, rtol=1e-5, atol=1e-6)  # the rotated, normed keys were cached
+
+
+def test_attention_of_a_row_is_bit_identical_alone_and_in_a_batch():
+    generator = torch.Generator().manual_seed(4)
+    cache, qkv, heads = attention_inputs(generator, rows=4, capacity=64, dim=128)
+    tables = (torch.randn(64, 128, generator=generator), torch.randn(64, 128, generator=generator))
     slots, positions = [0, 1, 2, 4], [5, 40, 63, 17]
     exact = ExactDecode()
-    together = exact.attend(cache[0], cache[1], slots, positions, q, k, v)
+    together = exact.attend(cache[0], cache[1], slots, positions, qkv, heads, rotary=tables)
     for row in range(4):
-        alone = exact.attend(cache[0], cache[1], slots[row:row + 1], positions[row:row + 1], q[row:row + 1],
-                             k[row:row + 1], v[row:row + 1])
+        alone = exact.attend(cache[0], cache[1], slots[row:row + 1], positions[row:row + 1], qkv[row:row + 1], heads,
+                             rotary=tables)
         assert torch.equal(alone[0], together[row])
     assert math.isfinite(together.sum().item())
 
 
 def test_attention_refuses_a_position_past_the_cache():
-    generator = torch.Generator().manual_seed(4)
-    cache, heads, dim = attention_setup(generator)
-    q = torch.randn(1, heads, dim)
-    k = v = torch.randn(1, cache.size(2), dim)
+    generator = torch.Generator().manual_seed(5)
+    cache, qkv, heads = attention_inputs(generator, rows=1)
     with pytest.raises(ValueError, match="positions"):
-        ExactDecode().attend(cache[0], cache[1], [0], [cache.size(3)], q, k, v)
+        ExactDecode().attend(cache[0], cache[1], [0], [cache.size(3)], qkv, heads)
 
 
 def test_the_engine_and_the_scheduler_use_the_kernels_on_cpu_float32_only(tiny_tokenizer):
     model = random_gpt(tiny_tokenizer, n_layer=1)
     engine = Engine(model, tiny_tokenizer)
-    assert engine._new_cache(1, 8).linear is not None
+    assert engine._new_cache(1, 8).kernels is engine.exact
     replica = Scheduler([engine], max_batch=4, queue_size=0).replicas[0]
-    assert replica.cache.exact is not None and replica.padded_rows(3) == 3  # exact kernels need no padding
+    assert replica.cache.kernels is engine.exact and replica.padded_rows(3) == 3  # one packed copy; no padding needed
     bf16_engine = Engine(random_gpt(tiny_tokenizer, n_layer=1).to(torch.bfloat16), tiny_tokenizer)
-    assert bf16_engine._new_cache(1, 8).linear is None
+    assert bf16_engine._new_cache(1, 8).kernels is None
     bf16_replica = Scheduler([bf16_engine], max_batch=4, queue_size=0).replicas[0]
-    assert bf16_replica.cache.exact is None and bf16_replica.padded_rows(3) == 4  # the torch path pads
+    assert bf16_replica.cache.kernels is None and bf16_replica.padded_rows(3) == 4  # the torch path pads
 
 
 def test_a_decode_step_through_the_kernels_matches_the_full_forward(tiny_tokenizer):
@@ -129,5 +164,5 @@ def test_a_decode_step_through_the_kernels_matches_the_full_forward(tiny_tokeniz
         cache.prefill(prompt_cache)
         steps = [model.forward(torch.tensor([[token]]), kv_cache=cache)[0, -1] for token in tokens[-3:]]
         full = model.forward(torch.tensor([tokens]))[0, -3:]
-    assert cache.linear is not None
+    assert cache.kernels is not None
     torch.testing.assert_close(torch.stack(steps), full, rtol=1e-4, atol=1e-4)

@@ -41,7 +41,8 @@ struct Matmul {
     x: *const f32,
     rows: usize,
     k: usize,
-    panels: *const f32,
+    panels: *const u8,    // float32 or bfloat16 (bf16: the top half of a float32's bits)
+    bf16: bool,
     n: usize,
     out: *mut f32,
     residual: *const f32, // null: none
@@ -55,7 +56,7 @@ type Accumulators = [[f32; PANEL]; ROW_GROUP];
 impl Matmul {
     unsafe fn run(&self, first_panel: usize, last_panel: usize, simd: bool) {
         for p in first_panel..last_panel {
-            let panel = self.panels.add(p * self.k * PANEL);
+            let panel = self.panels.add(p * self.k * PANEL * if self.bf16 { 2 } else { 4 });
             let columns = (self.n - p * PANEL).min(PANEL);
             // rows split into equal groups (8 rows: 4 + 4, not 6 + 2): small groups waste the panel loads
             let groups = self.rows.div_ceil(ROW_GROUP);
@@ -63,7 +64,7 @@ impl Matmul {
             for g in 0..groups {
                 let group = self.rows * (g + 1) / groups - row;
                 let mut acc: Accumulators = [[0.0; PANEL]; ROW_GROUP];
-                panel_product(self.x.add(row * self.k), self.k, group, panel, &mut acc, simd);
+                panel_product(self.x.add(row * self.k), self.k, group, panel, self.bf16, &mut acc, simd);
                 for (r, sums) in acc.iter().enumerate().take(group) {
                     let at = (row + r) * self.n + p * PANEL;
                     for (c, &sum) in sums.iter().enumerate().take(columns) {
@@ -79,25 +80,40 @@ impl Matmul {
     }
 }
 
-unsafe fn panel_product(x: *const f32, k: usize, group: usize, panel: *const f32, acc: &mut Accumulators, simd: bool) {
+/// A bfloat16 is the top 16 bits of a float32: widening it is exact, so both paths multiply the same numbers.
+fn widen_bf16(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel_product(x: *const f32, k: usize, group: usize, panel: *const u8, bf16: bool, acc: &mut Accumulators,
+                        simd: bool) {
     #[cfg(target_arch = "x86_64")]
     if simd {
-        // the row count is a compile-time constant so the accumulators stay in registers
-        match group {
-            1 => return panel_avx2::<1>(x, k, panel, acc),
-            2 => return panel_avx2::<2>(x, k, panel, acc),
-            3 => return panel_avx2::<3>(x, k, panel, acc),
-            4 => return panel_avx2::<4>(x, k, panel, acc),
-            5 => return panel_avx2::<5>(x, k, panel, acc),
-            _ => return panel_avx2::<6>(x, k, panel, acc),
+        // the row count and the weight type are compile-time constants so the accumulators stay in registers
+        macro_rules! dispatch {
+            ($bf16:literal) => {
+                match group {
+                    1 => panel_avx2::<1, $bf16>(x, k, panel, acc),
+                    2 => panel_avx2::<2, $bf16>(x, k, panel, acc),
+                    3 => panel_avx2::<3, $bf16>(x, k, panel, acc),
+                    4 => panel_avx2::<4, $bf16>(x, k, panel, acc),
+                    5 => panel_avx2::<5, $bf16>(x, k, panel, acc),
+                    _ => panel_avx2::<6, $bf16>(x, k, panel, acc),
+                }
+            };
         }
+        return if bf16 { dispatch!(true) } else { dispatch!(false) };
     }
     let _ = simd;
+    let mut weights = [0.0f32; PANEL];
     for i in 0..k {
-        let weights = std::slice::from_raw_parts(panel.add(i * PANEL), PANEL);
+        for (c, w) in weights.iter_mut().enumerate() {
+            *w = if bf16 { widen_bf16(*(panel as *const u16).add(i * PANEL + c)) } else { *(panel as *const f32).add(i * PANEL + c) };
+        }
         for (r, sums) in acc.iter_mut().enumerate().take(group) {
             let value = *x.add(r * k + i);
-            for (sum, &w) in sums.iter_mut().zip(weights) {
+            for (sum, &w) in sums.iter_mut().zip(&weights) {
                 *sum = value.mul_add(w, *sum);
             }
         }
@@ -106,13 +122,21 @@ unsafe fn panel_product(x: *const f32, k: usize, group: usize, panel: *const f32
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn panel_avx2<const R: usize>(x: *const f32, k: usize, panel: *const f32, acc: &mut Accumulators) {
+unsafe fn panel_avx2<const R: usize, const BF16: bool>(x: *const f32, k: usize, panel: *const u8, acc: &mut Accumulators) {
     use std::arch::x86_64::*;
     let mut low = [_mm256_setzero_ps(); R];
     let mut high = [_mm256_setzero_ps(); R];
     for i in 0..k {
-        let w_low = _mm256_loadu_ps(panel.add(i * PANEL));
-        let w_high = _mm256_loadu_ps(panel.add(i * PANEL + 8));
+        let (w_low, w_high) = if BF16 {
+            // 16 bfloat16 -> two registers of 8 float32: zero-extend each to 32 bits, shift into the top half
+            let raw = _mm256_loadu_si256((panel as *const u16).add(i * PANEL) as *const __m256i);
+            let low_half = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(raw));
+            let high_half = _mm256_cvtepu16_epi32(_mm256_extracti128_si256::<1>(raw));
+            (_mm256_castsi256_ps(_mm256_slli_epi32::<16>(low_half)), _mm256_castsi256_ps(_mm256_slli_epi32::<16>(high_half)))
+        } else {
+            let panel = panel as *const f32;
+            (_mm256_loadu_ps(panel.add(i * PANEL)), _mm256_loadu_ps(panel.add(i * PANEL + 8)))
+        };
         for r in 0..R {
             let value = _mm256_set1_ps(*x.add(r * k + i));
             low[r] = _mm256_fmadd_ps(value, w_low, low[r]);
@@ -185,19 +209,20 @@ fn sum_lanes(lanes: &[f32; DOT_LANES]) -> f32 {
 
 /// out[r, n] = residual[r, n] + sum_k x'[r, k] w[k, n] (no residual: 0), w packed by pack_panels;
 /// x' = x, or each row RMS-normalized first (`normalize`); `relu_squared`: out = relu(out)^2.
-/// Pointers are addresses of contiguous float32 CPU buffers; nanochat/exact_decode.py checks them.
+/// Pointers are addresses of contiguous CPU buffers (panels in bfloat16 when `bf16`, all else float32);
+/// nanochat/exact_decode.py checks them.
 #[pyfunction]
-#[pyo3(signature = (x, rows, k, panels, n, out, residual, normalize, relu_squared, threads))]
+#[pyo3(signature = (x, rows, k, panels, bf16, n, out, residual, normalize, relu_squared, threads))]
 #[allow(clippy::too_many_arguments)]
-pub fn decode_matmul(py: Python<'_>, x: usize, rows: usize, k: usize, panels: usize, n: usize, out: usize, residual: usize,
-                     normalize: bool, relu_squared: bool, threads: usize) -> PyResult<()> {
+pub fn decode_matmul(py: Python<'_>, x: usize, rows: usize, k: usize, panels: usize, bf16: bool, n: usize, out: usize,
+                     residual: usize, normalize: bool, relu_squared: bool, threads: usize) -> PyResult<()> {
     if x == 0 || panels == 0 || out == 0 {
         return Err(PyValueError::new_err("decode_matmul: null buffer"));
     }
     let simd = vectorized();
     let normalized = if normalize { unsafe { rms_normalized(x as *const f32, rows, k, simd) } } else { Vec::new() };
     let x = if normalize { normalized.as_ptr() } else { x as *const f32 };
-    let job = Matmul { x, rows, k, panels: panels as *const f32, n, out: out as *mut f32,
+    let job = Matmul { x, rows, k, panels: panels as *const u8, bf16, n, out: out as *mut f32,
                        residual: residual as *const f32, relu_squared };
     py.detach(|| parallel_ranges(n.div_ceil(PANEL), threads, |first, last| unsafe { job.run(first, last, simd) }));
     Ok(())
@@ -205,14 +230,10 @@ pub fn decode_matmul(py: Python<'_>, x: usize, rows: usize, k: usize, panels: us
 
 #[derive(Clone, Copy)]
 struct Attention {
-    q: *const f32,      // row r's query heads: [heads, dim] at r * q_stride
-    k_new: *const f32,  // row r's new key heads: [kv_heads, dim] at r * k_stride
-    v_new: *const f32,  // row r's new value heads: [kv_heads, dim] at r * v_stride
+    q: *const f32, // row r's query heads, ready to use: [heads, dim] at r * q_stride
     q_stride: usize,
-    k_stride: usize,
-    v_stride: usize,
-    out: *mut f32,      // [rows, heads, dim]
-    keys: *mut f32,     // this layer's keys: [slots, kv_heads, capacity, dim]; values follow at +value_offset
+    out: *mut f32, // [rows, heads, dim]
+    keys: *mut f32, // this layer's keys: [slots, kv_heads, capacity, dim]; values follow at +value_offset
     value_offset: usize,
     capacity: usize,
     heads: usize,
@@ -225,16 +246,6 @@ unsafe impl Sync for Attention {}
 impl Attention {
     fn kv_at(&self, slot: usize, kv_head: usize, position: usize) -> usize {
         ((slot * self.kv_heads + kv_head) * self.capacity + position) * self.dim
-    }
-
-    /// Store row `row`'s new key and value at `position` of its slot.
-    unsafe fn store(&self, row: usize, slot: usize, position: usize) {
-        for h in 0..self.kv_heads {
-            let to = self.kv_at(slot, h, position);
-            std::ptr::copy_nonoverlapping(self.k_new.add(row * self.k_stride + h * self.dim), self.keys.add(to), self.dim);
-            std::ptr::copy_nonoverlapping(self.v_new.add(row * self.v_stride + h * self.dim),
-                                          self.keys.add(self.value_offset + to), self.dim);
-        }
     }
 
     /// softmax(q k / sqrt(dim)) v for one row and query head over positions 0..=position of its slot.
@@ -305,28 +316,106 @@ impl Attention {
     }
 }
 
-/// One decode step's attention for rows at their own positions: row r's new key and value go to
-/// positions[r] of slot slots[r], then each query head attends over positions 0..=positions[r] of that slot.
-/// q, k_new and v_new are addresses of each row's heads with their own row strides (in floats); out is [rows, heads, dim].
+/// The rotary angle and QK-norm of nanochat/gpt.py for one head: dst = rms_norm(x * cos + swap_halves(x) * sin),
+/// with the tables' rows already in the [cos, cos] / [sin, -sin] form GPT._decode_tables builds.
+#[inline(always)]
+unsafe fn rotate_and_normalize(x: &[f32], cos: &[f32], sin: &[f32], dst: &mut [f32]) {
+    let half = x.len() / 2;
+    for d in 0..x.len() {
+        let swapped = x[if d < half { d + half } else { d - half }];
+        dst[d] = swapped.mul_add(sin[d], x[d] * cos[d]);
+    }
+    let mut lanes = [0.0f32; DOT_LANES];
+    let chunks = dst.chunks_exact(DOT_LANES);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for chunk in chunks {
+        for l in 0..DOT_LANES {
+            lanes[l] = chunk[l].mul_add(chunk[l], lanes[l]);
+        }
+    }
+    let scale = 1.0 / ((sum_lanes(&lanes) + tail) / x.len() as f32 + f32::EPSILON).sqrt();
+    dst.iter_mut().for_each(|v| *v *= scale);
+}
+
+/// Inputs of one attention call: each row's q|k|v heads side by side (a row of the qkv matmul), the rotary tables.
+struct Rows<'a> {
+    qkv: *const f32,
+    stride: usize,
+    rotary: Option<(*const f32, *const f32)>, // cos, sin tables [positions, dim]; None: q and k are used as given
+    slots: &'a [usize],
+    positions: &'a [usize],
+}
+
+impl Attention {
+    /// Per row: its query heads (rotated, normed) into `queries`, its key (rotated, normed) and value into the cache.
+    #[inline(always)]
+    unsafe fn prepare_plain(&self, rows: &Rows, queries: &mut [f32]) {
+        let dim = self.dim;
+        for (row, (&slot, &position)) in rows.slots.iter().zip(rows.positions).enumerate() {
+            let source = rows.qkv.add(row * rows.stride);
+            let head_of = |h: usize| std::slice::from_raw_parts(source.add(h * dim), dim);
+            let tables = rows.rotary.map(|(cos, sin)| {
+                (std::slice::from_raw_parts(cos.add(position * dim), dim), std::slice::from_raw_parts(sin.add(position * dim), dim))
+            });
+            let place = |x: &[f32], dst: &mut [f32]| match tables {
+                Some((cos, sin)) => rotate_and_normalize(x, cos, sin, dst),
+                None => dst.copy_from_slice(x),
+            };
+            for h in 0..self.heads {
+                place(head_of(h), &mut queries[(row * self.heads + h) * dim..][..dim]);
+            }
+            for h in 0..self.kv_heads {
+                let at = self.kv_at(slot, h, position);
+                place(head_of(self.heads + h), std::slice::from_raw_parts_mut(self.keys.add(at), dim));
+                let value = head_of(self.heads + self.kv_heads + h);
+                std::slice::from_raw_parts_mut(self.keys.add(self.value_offset + at), dim).copy_from_slice(value);
+            }
+        }
+    }
+
+    unsafe fn prepare(&self, rows: &Rows, queries: &mut [f32], simd: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            return self.prepare_avx2(rows, queries);
+        }
+        let _ = simd;
+        self.prepare_plain(rows, queries)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn prepare_avx2(&self, rows: &Rows, queries: &mut [f32]) {
+        self.prepare_plain(rows, queries)
+    }
+}
+
+/// One decode step's attention for rows at their own positions. Row r of `qkv` (row stride `stride` floats)
+/// holds its heads side by side: `heads` query heads, then `kv_heads` key heads, then `kv_heads` value heads.
+/// With rotary tables (cos, sin: [table_len, dim] addresses) q and k get the rotary angle of their position and
+/// QK-norm first. Row r's key and value go to positions[r] of slot slots[r], then each query head attends over
+/// positions 0..=positions[r] of that slot. out is [rows, heads, dim]; keys is one layer's
+/// [slots, kv_heads, capacity, dim], its values at +value_offset floats.
 #[pyfunction]
-#[pyo3(signature = (q, k_new, v_new, row_strides, out, keys, value_offset, capacity, slots, positions, heads, kv_heads, dim,
-                    threads))]
+#[pyo3(signature = (qkv, stride, rotary, out, keys, value_offset, capacity, slots, positions, heads, kv_heads, dim, threads))]
 #[allow(clippy::too_many_arguments)]
-pub fn decode_attention(py: Python<'_>, q: usize, k_new: usize, v_new: usize, row_strides: (usize, usize, usize), out: usize,
+pub fn decode_attention(py: Python<'_>, qkv: usize, stride: usize, rotary: Option<(usize, usize, usize)>, out: usize,
                         keys: usize, value_offset: usize, capacity: usize, slots: Vec<usize>, positions: Vec<usize>,
                         heads: usize, kv_heads: usize, dim: usize, threads: usize) -> PyResult<()> {
-    if [q, k_new, v_new, out, keys].contains(&0) || slots.len() != positions.len() || kv_heads == 0
-        || !heads.is_multiple_of(kv_heads) || positions.iter().any(|&p| p >= capacity) {
+    let table_len = rotary.map_or(usize::MAX, |(_, _, len)| len);
+    if [qkv, out, keys].contains(&0) || slots.len() != positions.len() || kv_heads == 0 || dim == 0
+        || !heads.is_multiple_of(kv_heads) || stride < (heads + 2 * kv_heads) * dim
+        || positions.iter().any(|&p| p >= capacity || p >= table_len) || rotary.is_some_and(|(c, s, _)| c == 0 || s == 0) {
         return Err(PyValueError::new_err("decode_attention: inconsistent buffers, positions or head counts"));
     }
-    let (q_stride, k_stride, v_stride) = row_strides;
-    let job = Attention { q: q as *const f32, k_new: k_new as *const f32, v_new: v_new as *const f32, q_stride, k_stride,
-                          v_stride, out: out as *mut f32, keys: keys as *mut f32, value_offset, capacity, heads, kv_heads, dim };
+    let job = Attention { q: std::ptr::null(), q_stride: heads * dim, out: out as *mut f32, keys: keys as *mut f32,
+                          value_offset, capacity, heads, kv_heads, dim };
     let simd = vectorized();
     py.detach(|| {
-        for (row, (&slot, &position)) in slots.iter().zip(&positions).enumerate() {
-            unsafe { job.store(row, slot, position) };
-        }
+        let rows = Rows { qkv: qkv as *const f32, stride, rotary: rotary.map(|(c, s, _)| (c as *const f32, s as *const f32)),
+                          slots: &slots, positions: &positions };
+        let mut queries = vec![0.0f32; slots.len() * heads * dim];
+        unsafe { job.prepare(&rows, &mut queries, simd) };
+        let job = Attention { q: queries.as_ptr(), ..job };
         parallel_ranges(slots.len() * heads, threads, |first, last| unsafe {
             job.heads_range(first, last, &slots, &positions, simd)
         });
@@ -355,10 +444,10 @@ mod tests {
         packed
     }
 
-    fn matmul(x: &[f32], rows: usize, k: usize, packed: &[f32], n: usize, threads: usize, simd: bool) -> Vec<f32> {
+    fn matmul<W>(x: &[f32], rows: usize, k: usize, packed: &[W], n: usize, threads: usize, simd: bool) -> Vec<f32> {
         let mut out = vec![0.0; rows * n];
-        let job = Matmul { x: x.as_ptr(), rows, k, panels: packed.as_ptr(), n, out: out.as_mut_ptr(), residual: std::ptr::null(),
-                           relu_squared: false };
+        let job = Matmul { x: x.as_ptr(), rows, k, panels: packed.as_ptr() as *const u8, bf16: size_of::<W>() == 2, n,
+                           out: out.as_mut_ptr(), residual: std::ptr::null(), relu_squared: false };
         parallel_ranges(n.div_ceil(PANEL), threads, |a, b| unsafe { job.run(a, b, simd) });
         out
     }
@@ -382,6 +471,16 @@ mod tests {
                     let part = matmul(&x[..batch * k], batch, k, &packed, n, threads, simd);
                     assert_eq!(part[..], full[..batch * n], "batch {batch} threads {threads} simd {simd}");
                 }
+            }
+        }
+        // bfloat16 panels: the same product as float32 panels holding the bf16-rounded weights, in every path
+        let bf16: Vec<u16> = packed.iter().map(|w| (w.to_bits() >> 16) as u16).collect();
+        let rounded: Vec<f32> = bf16.iter().map(|&b| widen_bf16(b)).collect();
+        let reference = matmul(&x, rows, k, &rounded, n, 1, false);
+        for simd in [false, vectorized()] {
+            for batch in [1, 4, rows] {
+                let part = matmul(&x[..batch * k], batch, k, &bf16, n, 2, simd);
+                assert_eq!(part[..], reference[..batch * n], "bf16 batch {batch} simd {simd}");
             }
         }
     }
