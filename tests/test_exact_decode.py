@@ -166,3 +166,20 @@ def test_a_decode_step_through_the_kernels_matches_the_full_forward(tiny_tokeniz
         full = model.forward(torch.tensor([tokens]))[0, -3:]
     assert cache.kernels is not None
     torch.testing.assert_close(torch.stack(steps), full, rtol=1e-4, atol=1e-4)
+
+
+def test_a_short_prompt_prefilled_as_one_kernel_step_matches_the_model_prefill(tiny_tokenizer):
+    # the scheduler prefills short prompts as one step whose rows are the prompt's tokens in one slot
+    model = random_gpt(tiny_tokenizer, n_layer=2, n_kv_head=2)
+    engine = Engine(model, tiny_tokenizer)
+    replica = Scheduler([engine], max_batch=2, queue_size=0).replicas[0]
+    prompt = tiny_tokenizer.render_for_completion([{"role": "user", "content": "Tell me about the sea."}])
+    with torch.inference_mode():
+        expected_logits, prompt_cache = engine.prefill(prompt)
+        replica.cache.reserve(len(prompt) + 4, next(model.parameters()))
+        logits = replica.prefill_as_step(1, prompt)
+    assert replica.cache.lengths == [0, len(prompt)]
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(replica.cache.cache[:, :, 1, :, :len(prompt)], prompt_cache.cache[:, :, 0, :, :len(prompt)],
+                               rtol=1e-4, atol=1e-5)
+    assert not replica.cache.cache[:, :, 0].any()  # the other slot untouched

@@ -215,6 +215,8 @@ class ScriptedModel(nn.Module):
         return torch.device("cpu")
 
     def next_token(self, context):
+        if self.assistant_start not in context:  # a prompt row before the assistant's turn (a prefill step's rows)
+            return self.junk
         start = len(context) - context[::-1].index(self.assistant_start)
         prompt, produced = context[:start], context[start:]
         if self.tool_marker not in prompt:
@@ -250,7 +252,9 @@ def test_a_tool_call_runs_off_the_decode_loop(tiny_tokenizer):
     tool_row = Reply(tiny_tokenizer.render_for_completion([{"role": "user", "content": "tool please"}]), max_tokens=80)
     plain_row = Reply(tiny_tokenizer.render_for_completion([{"role": "user", "content": "hello"}]), max_tokens=80)
     scheduler.submit(tool_row.request)
+    deadline = time.monotonic() + 30
     while "```python" not in tool_row.text:
+        assert time.monotonic() < deadline and not tool_row.done.is_set(), f"no tool call: {tool_row.events}"
         time.sleep(0.001)
     scheduler.submit(plain_row.request)
     plain_row.wait()
