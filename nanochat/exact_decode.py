@@ -17,6 +17,8 @@ GPT.decode_step hold the weights as [K, N] views, which are the keys here. The p
 (`--dtype bfloat16` on a CPU without AMX, see engine.prepare_for_inference): half the bytes per token, with
 float32 activations and sums, where torch would emulate bf16 matmuls slowly.
 """
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -30,7 +32,6 @@ PANEL = 16  # columns per packed panel (rustbpe.DECODE_PANEL)
 # multiply-adds below which a call runs on the calling thread alone. Waking a pool thread costs tens of
 # microseconds (more in a VM, where an idle vCPU is halted), so only big products are split
 PARALLEL_MIN_WORK = 1 << 23
-MAX_PACKED = 64  # packed weights kept; more means the model changed (training in the same process): start over
 
 
 def usable(device, dtype):
@@ -57,17 +58,19 @@ class ExactDecode:
         # bfloat16: the packed copy halves the bytes a step streams (activations and sums stay float32)
         assert weight_dtype in (torch.float32, torch.bfloat16), weight_dtype
         self.weight_dtype = weight_dtype
-        self.packed = {}  # id(weight view) -> (the view, its panels); the view is kept so its id stays unique
+        self.packed = {}  # id(weight view) -> (a weak reference to the view, its panels, K, N, panels' address)
 
     def panels(self, weight):
         """(panels, K, N, address of the panels) for a [K, N] float32 CPU weight, packed on first use."""
         entry = self.packed.get(id(weight))
-        if entry is None or entry[0] is not weight:
+        if entry is None or entry[0]() is not weight:
             assert weight.dtype == torch.float32 and weight.device.type == "cpu" and weight.dim() == 2
-            if len(self.packed) >= MAX_PACKED:
-                self.packed.clear()
             panels = pack_panels(weight.detach(), self.weight_dtype)
-            entry = self.packed[id(weight)] = (weight, panels, weight.size(0), weight.size(1), panels.data_ptr())
+            key = id(weight)
+            # the entry goes when its weight view does (the model's decode tables were rebuilt), so a model
+            # that keeps training in this process (RL) holds one packed copy, not one per update
+            alive = weakref.ref(weight, lambda _: self.packed.pop(key, None))
+            entry = self.packed[key] = (alive, panels, weight.size(0), weight.size(1), panels.data_ptr())
         return entry[1:]
 
     def linear(self, x, weight, residual=None, normalize=False, relu_squared=False):

@@ -183,3 +183,13 @@ def test_a_short_prompt_prefilled_as_one_kernel_step_matches_the_model_prefill(t
     torch.testing.assert_close(replica.cache.cache[:, :, 1, :, :len(prompt)], prompt_cache.cache[:, :, 0, :, :len(prompt)],
                                rtol=1e-4, atol=1e-5)
     assert not replica.cache.cache[:, :, 0].any()  # the other slot untouched
+
+
+def test_packed_weights_live_as_long_as_their_weight_view():
+    # 81 weight matrices at depth 20: the cache must hold them all, and drop a model state's copies with it
+    exact = ExactDecode()
+    views = [torch.randn(8, 16).t() for _ in range(100)]
+    first = [exact.panels(view)[0] for view in views]
+    assert all(exact.panels(view)[0] is panels for view, panels in zip(views, first))  # packed once each
+    del views, first
+    assert not exact.packed
