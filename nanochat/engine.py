@@ -64,12 +64,16 @@ class KVCache:
         self.cache = new_cache
         self.capacity = capacity
 
+    def _make_room(self, end, like):
+        """Room for positions [0, end), in like's dtype and device when the cache is first made."""
+        if self.cache is None or end > self.capacity:
+            self._allocate(max(self.capacity, (end + CACHE_CHUNK - 1) // CACHE_CHUNK * CACHE_CHUNK), like)
+
     def insert_kv(self, layer_idx, k, v):
         # k, v: [B, H, T_new, D]; returns views of all cached keys/values [B, H, pos + T_new, D]
         t_new = k.size(2)
         end = self.pos + t_new
-        if self.cache is None or end > self.capacity:
-            self._allocate(max(self.capacity, (end + CACHE_CHUNK - 1) // CACHE_CHUNK * CACHE_CHUNK), k)
+        self._make_room(end, k)
         layer_cache = self.cache[layer_idx]
         layer_cache[0, :, :, self.pos:end] = k
         layer_cache[1, :, :, self.pos:end] = v
@@ -81,8 +85,7 @@ class KVCache:
     def attend_qkv(self, layer_idx, qkv, heads, rotary):
         """With kernels: one decode step's attention, qkv [B, (H + 2 Hkv) D] -> [B, H, D], every row at self.pos."""
         end = self.pos + 1
-        if self.cache is None or end > self.capacity:
-            self._allocate(max(self.capacity, (end + CACHE_CHUNK - 1) // CACHE_CHUNK * CACHE_CHUNK), qkv)
+        self._make_room(end, qkv)
         layer = self.cache[layer_idx]
         y = self.kernels.attend(layer[0], layer[1], list(range(self.batch_size)), [self.pos] * self.batch_size, qkv,
                                 heads, rotary)

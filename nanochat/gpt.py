@@ -514,10 +514,9 @@ class GPT(nn.Module):
         H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
         if not torch.is_tensor(pos) and pos + 1 > cos2.size(0):
             raise ValueError(f"sequence of {pos + 1} tokens exceeds the rotary table ({cos2.size(0)})")
-        if kernels is None and torch.is_tensor(pos):  # continuous batching: each row at its own position (checked by its owner)
-            rotary = (cos2[pos].unsqueeze(1), sin2[pos].unsqueeze(1))  # [B, 1, D]: one angle per row
-        elif kernels is None:
-            rotary = (cos2[pos], sin2[pos])
+        if kernels is None:  # the kernels take the whole tables; torch attention takes this step's angles
+            # a tensor pos: continuous batching, each row at its own position (checked by its owner) -> [B, 1, D]
+            rotary = (cos2[pos].unsqueeze(1), sin2[pos].unsqueeze(1)) if torch.is_tensor(pos) else (cos2[pos], sin2[pos])
         x = x0 = decode_norm(F.embedding(idx.view(B), wte))
         for w_qkv, w_o, w_fc, w_proj, layer_idx, value_embed, lambdas in layers:
             if lambdas is not None:

@@ -165,8 +165,7 @@ fn parallel_ranges(count: usize, threads: usize, work: impl Fn(usize, usize) + S
     });
 }
 
-/// Each row scaled to unit root-mean-square (parameter-free RMSNorm, eps = float32 epsilon as in nanochat/gpt.py),
-/// its sum of squares taken in DOT_LANES fixed lanes like the attention dot products.
+/// A copy of the rows [rows, k], each normalized (`normalize`).
 unsafe fn rms_normalized(x: *const f32, rows: usize, k: usize, simd: bool) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if simd {
@@ -186,25 +185,30 @@ unsafe fn rms_normalized_avx2(x: *const f32, rows: usize, k: usize) -> Vec<f32> 
 #[inline(always)]
 unsafe fn rms_normalized_plain(x: *const f32, rows: usize, k: usize) -> Vec<f32> {
     let mut normalized = std::slice::from_raw_parts(x, rows * k).to_vec();
-    for row in normalized.chunks_exact_mut(k) {
-        let mut lanes = [0.0f32; DOT_LANES];
-        let chunks = row.chunks_exact(DOT_LANES);
-        let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-        for chunk in chunks {
-            for l in 0..DOT_LANES {
-                lanes[l] = chunk[l].mul_add(chunk[l], lanes[l]);
-            }
-        }
-        let squares = sum_lanes(&lanes) + tail;
-        let scale = 1.0 / (squares / k as f32 + f32::EPSILON).sqrt();
-        row.iter_mut().for_each(|v| *v *= scale);
-    }
+    normalized.chunks_exact_mut(k).for_each(normalize);
     normalized
 }
 
-fn sum_lanes(lanes: &[f32; DOT_LANES]) -> f32 {
-    // a fixed pairwise order for the 8 lanes, the same with or without vector registers
-    ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]))
+/// a . b in DOT_LANES fixed lanes of fused multiply-adds, summed in a fixed pairwise order: the same bits
+/// with or without vector registers (inlined into the AVX2-compiled callers, the lane loop is one vector FMA)
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; DOT_LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(DOT_LANES), b.chunks_exact(DOT_LANES));
+    let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
+    for (a_chunk, b_chunk) in a_chunks.zip(b_chunks) {
+        for l in 0..DOT_LANES {
+            lanes[l] = a_chunk[l].mul_add(b_chunk[l], lanes[l]);
+        }
+    }
+    ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7])) + tail
+}
+
+/// Scale `row` to unit root-mean-square in place (parameter-free RMSNorm, eps = float32 epsilon as in nanochat/gpt.py).
+#[inline(always)]
+fn normalize(row: &mut [f32]) {
+    let scale = 1.0 / (dot(row, row) / row.len() as f32 + f32::EPSILON).sqrt();
+    row.iter_mut().for_each(|v| *v *= scale);
 }
 
 /// out[r, n] = residual[r, n] + sum_k x'[r, k] w[k, n] (no residual: 0), w packed by pack_panels;
@@ -260,15 +264,7 @@ impl Attention {
         let mut max = f32::NEG_INFINITY;
         for j in 0..=position {
             let key = std::slice::from_raw_parts(self.keys.add(start + j * dim), dim);
-            let mut lanes = [0.0f32; DOT_LANES];
-            let (q_chunks, k_chunks) = (q.chunks_exact(DOT_LANES), key.chunks_exact(DOT_LANES));
-            let tail: f32 = q_chunks.remainder().iter().zip(k_chunks.remainder()).map(|(a, b)| a * b).sum();
-            for (q_chunk, k_chunk) in q_chunks.zip(k_chunks) {
-                for l in 0..DOT_LANES {
-                    lanes[l] = q_chunk[l].mul_add(k_chunk[l], lanes[l]);
-                }
-            }
-            let score = (sum_lanes(&lanes) + tail) * scale;
+            let score = dot(q, key) * scale;
             max = max.max(score);
             scores.push(score);
         }
@@ -325,16 +321,7 @@ unsafe fn rotate_and_normalize(x: &[f32], cos: &[f32], sin: &[f32], dst: &mut [f
         let swapped = x[if d < half { d + half } else { d - half }];
         dst[d] = swapped.mul_add(sin[d], x[d] * cos[d]);
     }
-    let mut lanes = [0.0f32; DOT_LANES];
-    let chunks = dst.chunks_exact(DOT_LANES);
-    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
-    for chunk in chunks {
-        for l in 0..DOT_LANES {
-            lanes[l] = chunk[l].mul_add(chunk[l], lanes[l]);
-        }
-    }
-    let scale = 1.0 / ((sum_lanes(&lanes) + tail) / x.len() as f32 + f32::EPSILON).sqrt();
-    dst.iter_mut().for_each(|v| *v *= scale);
+    normalize(dst);
 }
 
 /// Inputs of one attention call: each row's q|k|v heads side by side (a row of the qkv matmul), the rotary tables.
