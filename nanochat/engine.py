@@ -82,16 +82,13 @@ class KVCache:
             self.pos = end
         return keys, values
 
-    def attend_qkv(self, layer_idx, qkv, heads, rotary):
-        """With kernels: one decode step's attention, qkv [B, (H + 2 Hkv) D] -> [B, H, D], every row at self.pos."""
-        end = self.pos + 1
-        self._make_room(end, qkv)
-        layer = self.cache[layer_idx]
-        y = self.kernels.attend(layer[0], layer[1], list(range(self.batch_size)), [self.pos] * self.batch_size, qkv,
-                                heads, rotary)
-        if layer_idx == self.num_layers - 1:
-            self.pos = end
-        return y
+    def kernel_rows(self, like):
+        """With kernels: (cache, slots, positions) of a decode step, every row at self.pos. The position advances
+        now: GPT.decode_step runs the whole step, every layer, in the one call these feed."""
+        self._make_room(self.pos + 1, like)
+        rows = (self.cache, list(range(self.batch_size)), [self.pos] * self.batch_size)
+        self.pos += 1
+        return rows
 
     def prefill(self, other):
         """Copy another cache (usually batch 1, after the prompt) into every row of this one."""

@@ -8,9 +8,11 @@ batch-mates, and over a long greedy reply a near-tie argmax eventually flips. Th
 every step to a multiple of 4 rows, which made a lone request ~2x slower. The Rust kernels give each output
 one fixed chain of fused multiply-adds instead, and they are faster for a few rows too: each 16-column panel
 of a weight matrix is read once for up to 6 rows (MKL's small-M sgemm runs at ~20 GFLOP/s on a 2-core EPYC).
-A depth-4 step is ~20 tiny products and 4 attentions, where torch's ~5 us per op adds up, so each call also
-does the work around it: RMSNorm before a matmul, the residual add or relu^2 after it; rotary, QK-norm and
-the cache write before attention.
+A depth-4 step is ~20 tiny products and 4 attentions of 5-60 us each, where driving every op from Python
+(or torch's ~5 us per op) would cost a third of the step, so GPT.decode_step hands the whole step to one
+Rust call (rustbpe.DecodeModel, `step` below): the embedding, every block with its RMSNorms, residual adds,
+relu^2, rotary, QK-norm and cache writes, and the head. `linear` and `attend` are the same kernels one op at
+a time: the pieces a reader (and the tests) can hold against torch.
 
 Weights are repacked once per model state into panels [N / 16, K, 16] (pack_panels); the decode tables of
 GPT.decode_step hold the weights as [K, N] views, which are the keys here. The panels may be bfloat16
@@ -59,6 +61,7 @@ class ExactDecode:
         assert weight_dtype in (torch.float32, torch.bfloat16), weight_dtype
         self.weight_dtype = weight_dtype
         self.packed = {}  # id(weight view) -> (a weak reference to the view, its panels, K, N, panels' address)
+        self.models = {}  # id(the decode tables' head view) -> (a weak reference to it, rustbpe.DecodeModel, what it reads)
 
     def panels(self, weight):
         """(panels, K, N, address of the panels) for a [K, N] float32 CPU weight, packed on first use."""
@@ -121,3 +124,57 @@ class ExactDecode:
                                  value_offset, capacity, slots, positions, heads, kv_heads, dim,
                                  threads_for(2 * heads * dim * (sum(positions) + rows)))
         return out
+
+    def model(self, tables):
+        """
+        The rustbpe.DecodeModel of GPT._decode_tables' `tables`, built on first use: the addresses of the packed
+        weights and tables, with the tensors behind them kept alive as long as the entry (the weights may be
+        swapped or trained; the entry goes when the tables are rebuilt, as the head view is then released).
+        """
+        layers, head, embedding, cos, sin = tables
+        entry = self.models.get(id(head))
+        if entry is None or entry[0]() is not head:
+            width, vocab = head.shape
+            kept = [embedding.detach(), cos, sin]  # detached views hold the storage even if a parameter's .data is swapped
+            blocks = []
+            for index, (w_qkv, w_o, w_fc, w_proj, layer_idx, value_embed, lambdas) in enumerate(layers):
+                assert layer_idx == index, "decode tables out of layer order"
+                assert w_qkv.shape[0] == w_fc.shape[0] == w_o.shape[1] == w_proj.shape[1] == width
+                panels = [self.panels(w)[0] for w in (w_qkv, w_o, w_fc, w_proj)]
+                if value_embed is not None:
+                    value_embed = value_embed.detach()
+                    assert value_embed.is_contiguous() and value_embed.dtype is torch.float32 and value_embed.size(0) == vocab
+                    panels.append(value_embed)
+                kept += panels
+                blocks.append(tuple(p.data_ptr() for p in panels[:4]) + (0 if value_embed is None else value_embed.data_ptr(),
+                                                                         lambdas))
+            w_o = layers[0][1]
+            heads_width, fc_width, dim = w_o.shape[0], layers[0][2].shape[1], cos.shape[1]
+            kv_heads = (layers[0][0].shape[1] - heads_width) // (2 * dim)
+            assert embedding.is_contiguous() and embedding.dtype is torch.float32 and embedding.shape == (vocab, width)
+            assert cos.is_contiguous() and sin.is_contiguous() and cos.dtype is torch.float32 and sin.shape == cos.shape
+            head_panels = self.panels(head)[0]
+            kept.append(head_panels)
+            model = rustbpe.DecodeModel(blocks, embedding.data_ptr(), head_panels.data_ptr(), vocab, width, fc_width,
+                                        heads_width // dim, kv_heads, dim, (cos.data_ptr(), sin.data_ptr(), cos.shape[0]),
+                                        self.weight_dtype is torch.bfloat16)
+            key = id(head)
+            alive = weakref.ref(head, lambda _: self.models.pop(key, None))
+            entry = self.models[key] = (alive, model, kept, (len(layers), kv_heads, dim), vocab)
+        return entry[1:]
+
+    def step(self, tables, tokens, cache, slots, positions):
+        """
+        A whole decode step: tokens [B] (row r's token at positions[r] of slot slots[r]) -> logits [B, V] before
+        the softcap. cache: float32 [n_layer, 2, slots, n_kv_head, capacity, head_dim], contiguous; each row's key
+        and value are written at its position, then each row attends over positions 0..positions[r] of its slot.
+        """
+        model, _, (num_layers, kv_heads, dim), vocab = self.model(tables)
+        # the kernel walks the cache by these sizes: checked here, as a wrong one would read past the tensor
+        assert cache.is_contiguous() and cache.dtype is torch.float32 and cache.is_cpu, "the decode cache must be float32 on CPU"
+        assert cache.dim() == 6 and (cache.size(0), cache.size(1), cache.size(3), cache.size(5)) == (num_layers, 2, kv_heads, dim), \
+            f"cache {tuple(cache.shape)} for {num_layers} layers of {kv_heads} kv heads of {dim}"
+        logits = torch.empty(len(slots), vocab)
+        model.step(tokens.tolist(), slots, positions, cache.data_ptr(), cache.size(2), cache.size(4), logits.data_ptr(),
+                   torch.get_num_threads(), PARALLEL_MIN_WORK)
+        return logits

@@ -78,7 +78,7 @@ class SlotCache:
 
     def __init__(self, num_slots, num_layers, num_kv_heads, head_dim, kernels=None):
         self.num_slots, self.num_layers, self.num_kv_heads, self.head_dim = num_slots, num_layers, num_kv_heads, head_dim
-        # the engine's exact CPU kernels: decode_step runs its matmuls with them and attends through attend_qkv;
+        # the engine's exact CPU kernels: decode_step runs the whole step with them on kernel_rows;
         # None: torch, with attend() and padded batches
         self.kernels = kernels
         self.cache = None  # allocated on the first prompt, in its dtype and device
@@ -133,10 +133,9 @@ class SlotCache:
             outputs.append(q.new_zeros((q.size(0) - rows,) + q.shape[1:]))
         return torch.cat(outputs)
 
-    def attend_qkv(self, layer_idx, qkv, heads, rotary):
-        """With kernels: qkv [B, (H + 2 Hkv) D] of the new tokens -> [B, H, D], each row at its own position."""
-        layer = self.cache[layer_idx]
-        return self.kernels.attend(layer[0], layer[1], self.step_slots, self.step_lengths, qkv, heads, rotary)
+    def kernel_rows(self, like):
+        """With kernels: (cache, slots, positions) of this step, for GPT.decode_step's one-call step."""
+        return self.cache, self.step_slots, self.step_lengths
 
     def end_step(self):
         for slot in self.step_slots:

@@ -168,6 +168,49 @@ def test_a_decode_step_through_the_kernels_matches_the_full_forward(tiny_tokeniz
     torch.testing.assert_close(torch.stack(steps), full, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("n_kv_head,tricks", [(4, {}), (1, dict(x0_mixing=True, value_embeds=True))])
+def test_the_one_call_step_computes_the_torch_decode_step(tiny_tokenizer, n_kv_head, tricks):
+    # GPT.decode_step runs the whole step in rustbpe.DecodeModel when the cache has kernels; the torch loop is
+    # the reference. Three rows, x0 mixing, value embeddings and grouped-query attention all go through it.
+    import dataclasses
+    from nanochat.gpt import GPT
+    base = random_gpt(tiny_tokenizer, n_layer=3, n_head=4, n_kv_head=n_kv_head)
+    model = GPT(dataclasses.replace(base.config, **tricks))
+    model.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lambdas" in name or "value_embeds" in name:
+                p.normal_(0, 0.5)  # away from their (1, 0, 0) start, so the kernel's mixing is exercised
+    engine = Engine(model, tiny_tokenizer)
+    tokens = tiny_tokenizer.encode("The sea is wide and the wind is cold.")
+    with torch.inference_mode():
+        _, prompt_cache = engine.prefill(tokens)
+        kernel_cache, torch_cache = engine._new_cache(3, len(tokens) + 3), engine._new_cache(3, len(tokens) + 3)
+        torch_cache.kernels = None
+        for cache in (kernel_cache, torch_cache):
+            cache.prefill(prompt_cache)
+        for step in range(3):
+            ids = torch.tensor([[tokens[step]], [tokens[-1 - step]], [7 + step]])
+            torch.testing.assert_close(model.decode_step(ids, kernel_cache), model.decode_step(ids, torch_cache),
+                                       rtol=1e-4, atol=1e-4)
+    assert kernel_cache.kernels is not None and kernel_cache.get_pos() == torch_cache.get_pos() == len(tokens) + 3
+    torch.testing.assert_close(kernel_cache.cache, torch_cache.cache, rtol=1e-4, atol=1e-5)
+
+
+def test_the_one_call_step_refuses_a_cache_of_another_shape(tiny_tokenizer):
+    model = random_gpt(tiny_tokenizer, n_layer=2)
+    tables = model._decode_tables(engine_cache := Engine(model, tiny_tokenizer)._new_cache(1, 8))
+    exact = engine_cache.kernels
+    wrong = torch.zeros(2, 2, 1, 2, 8, 16)  # 2 kv heads, where the model has 4: the kernel would read past it
+    with pytest.raises(AssertionError, match="kv heads"):
+        exact.step(tables, torch.tensor([1]), wrong, [0], [0])
+    right = torch.zeros(2, 2, 1, 4, 8, 16)
+    with pytest.raises(ValueError, match="position past the cache"):
+        exact.step(tables, torch.tensor([1]), right, [0], [8])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        exact.step(tables, torch.tensor([tiny_tokenizer.get_vocab_size()]), right, [0], [0])
+
+
 def test_a_short_prompt_prefilled_as_one_kernel_step_matches_the_model_prefill(tiny_tokenizer):
     # the scheduler prefills short prompts as one step whose rows are the prompt's tokens in one slot
     model = random_gpt(tiny_tokenizer, n_layer=2, n_kv_head=2)

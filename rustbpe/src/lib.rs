@@ -283,6 +283,7 @@ pub const GPT4_PATTERN_DIGITS_1_3: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{
 ///   long and followed by text: exactly what the lookahead does (that char then starts the next chunk);
 /// - every character is matched by some branch, so each chunk starts where the previous one ended: the
 ///   search is anchored there, which spares the DFA its reverse pass to find where a match starts.
+///
 /// Any other pattern runs as given through fancy-regex.
 #[derive(Clone, Debug)]
 pub enum Splitter {
@@ -529,6 +530,7 @@ fn rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode::decode_matmul, m)?)?;
     m.add_function(wrap_pyfunction!(decode::decode_attention, m)?)?;
     m.add_function(wrap_pyfunction!(decode::decode_kernels_vectorized, m)?)?;
+    m.add_class::<decode::DecodeModel>()?;
     m.add("DECODE_PANEL", decode::PANEL)?;
     Ok(())
 }
