@@ -42,7 +42,9 @@ from nanochat.common import logger
 from nanochat.engine import CACHE_CHUNK, IncrementalDecoder, RowState, sample_next_token, tool_call_display
 
 ROW_MULTIPLE = 4  # without the exact kernels, decode batches are padded to a multiple of this many rows (docstring)
-PREFILL_AS_STEP_MAX = 40  # longer prompts: MKL at batch 1 is faster (depth 4: 32 tokens 6.6 vs 8.1 ms, 64: 11.4 vs 9.6)
+# longer prompts: the model's prefill at batch 1 (MKL, SDPA) is faster. Depth 4, as one step vs the model:
+# 64 tokens 13.1 vs 15.5 ms, 128: 23.3 vs 23.9, 192: 35.7 vs 31.7 (each row attends alone, so its cost grows as T^2)
+PREFILL_AS_STEP_MAX = 128
 IDLE_WAIT_S = 0.05  # how often a loop whose rows all wait on tool calls looks for cancellations
 
 

@@ -96,6 +96,21 @@ def test_greedy_replies_under_load_equal_each_alone(tiny_tokenizer, model):
     assert stats["rows_in_flight"] == 0 and stats["kv_cache_bytes_in_use"] == 0 and stats["requests_served"] == 24
 
 
+@pytest.mark.parametrize("prefill_as_step_max", [0, 10_000])
+def test_both_prefill_paths_give_the_engines_reply(tiny_tokenizer, model, monkeypatch, prefill_as_step_max):
+    # a prompt longer than PREFILL_AS_STEP_MAX is prefilled by the model and copied into its slot; a shorter one
+    # runs as one kernel step; either way the reply is the engine's own batch-1 greedy decode
+    import nanochat.scheduler
+    monkeypatch.setattr(nanochat.scheduler, "PREFILL_AS_STEP_MAX", prefill_as_step_max)
+    engine = Engine(model, tiny_tokenizer)
+    scheduler = Scheduler([engine], max_batch=4, queue_size=4)
+    for prompt in prompts_of(tiny_tokenizer, TEXTS[:2]):
+        reply = serve(scheduler, prompt, max_tokens=20, temperature=0.0)
+        tokens = engine.generate_batch(prompt, max_tokens=20, temperature=0.0)[0][0][len(prompt):]
+        decoder = IncrementalDecoder(tiny_tokenizer)
+        assert "".join(decoder.feed(token) for token in tokens) + decoder.flush() == reply.text
+
+
 @torch.inference_mode()
 def test_a_rows_logits_are_bit_identical_alone_and_in_a_batch(tiny_tokenizer, model):
     # what makes greedy replies equal under load: one decode step gives a row the same logits, to the last bit,
