@@ -15,6 +15,11 @@ the same way, then the current server, and prints the current server's figures a
     git show c44f5ea:scripts/chat_web.py > /tmp/old_chat_web.py   # one request at a time per replica
     python -m dev.bench_server --before-script /tmp/old_chat_web.py
 
+A script imports the current nanochat package, so it decodes with today's engine. To compare against an older
+commit as a whole (its engine too), give a checkout of it:
+
+    git worktree add /tmp/before c44f5ea && python -m dev.bench_server --before-root /tmp/before
+
 Memory under a huge upload instead: stream 1 GB (chunked, no Content-Length) and print the server's peak RSS
 
     python -m dev.bench_server --upload-mb 1024
@@ -48,6 +53,8 @@ parser.add_argument("--server-script", type=str, default=None,
                     help="start this file as the server instead of scripts.chat_web (e.g. an older chat_web.py, to compare)")
 parser.add_argument("--before-script", type=str, default=None,
                     help="also load this older chat_web.py (first, same checkpoint) and print ratios against it")
+parser.add_argument("--before-root", type=str, default=None,
+                    help="like --before-script, with a whole older checkout: its scripts/chat_web.py on its own nanochat package")
 args = parser.parse_args()
 
 
@@ -75,12 +82,14 @@ def write_checkpoint():
     return base_dir
 
 
-def start_server(base_dir, script=None):
-    """chat_web (or an older `script`) on a free port; only the current server gets --max-batch."""
+def start_server(base_dir, script=None, root=None):
+    """chat_web (or an older `script`, or an older checkout's at `root`) on a free port; only the current server
+    gets --max-batch."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo_root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "scripts", "chat_web.py") if root else script
     env = {**os.environ, "NANOCHAT_BASE_DIR": base_dir, "PYTHONPATH": repo_root}  # a --server-script imports nanochat too
     server = [script] if script else ["-m", "scripts.chat_web", "--max-batch", str(args.max_batch)]
     process = subprocess.Popen([sys.executable, *server, "--host", "127.0.0.1", "--port", str(port),
@@ -192,8 +201,8 @@ def main():
         return load_test(args.url, "server")
     base_dir = write_checkpoint()
     before = None
-    if args.before_script:
-        url, process = start_server(base_dir, args.before_script)
+    if args.before_script or args.before_root:
+        url, process = start_server(base_dir, args.before_script, args.before_root)
         try:
             before = load_test(url, "before")
         finally:
