@@ -510,8 +510,7 @@ class GPT(nn.Module):
         B = idx.size(0)
         kernels = getattr(kv_cache, "kernels", None)  # the exact CPU kernels (nanochat/exact_decode.py), or None: torch
         if kernels is not None:  # the whole step in one Rust call, the same maths as the loop below (positions
-            logits = kernels.step(tables, idx.view(B), *kv_cache.kernel_rows(wte))  # past the rotary table: ValueError)
-            return logits.div_(LOGIT_SOFTCAP).tanh_().mul_(LOGIT_SOFTCAP)
+            return kernels.step(tables, idx.view(B), *kv_cache.kernel_rows(wte))  # past the rotary table: ValueError)
         pos = kv_cache.get_pos()
         cfg = self.config
         H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
