@@ -10,7 +10,7 @@ with stops disabled (the end tokens are out of the random model's reach), so eve
 exactly --max-tokens tokens.
 
     python -m dev.bench_decode                      # CPU, depth 4, vocab 8192, fp32 and bf16 weights
-    python -m dev.bench_decode --device cuda --depth 20 --vocab-size 65536 --dtypes bfloat16   # on a GPU
+    python -m dev.bench_decode --device cuda --depth 20 --vocab-size 65536 --dtypes bfloat16 --batch-sizes 1,32   # a GPU
 """
 import argparse
 import copy
@@ -32,6 +32,7 @@ parser.add_argument("--device", type=str, default="cpu", help="cpu | cuda | mps"
 parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (the best is reported)")
 parser.add_argument("--skip-naive", action="store_true", help="skip the no-cache baseline (slow for big models)")
+parser.add_argument("--batch-sizes", type=str, default="1,8", help="comma-separated decode batch sizes (rows per step)")
 parser.add_argument("--dtypes", type=str, default="float32,bfloat16", help="comma-separated weight dtypes to measure")
 args = parser.parse_args()
 torch.set_num_threads(args.threads)
@@ -153,8 +154,9 @@ for dtype_name in args.dtypes.split(","):
     path = "torch" if engine.decode_kernels() is None else f"exact CPU kernels, {engine.decode_kernels().weight_dtype} panels"
     print(f"{dtype_name} ({path}): {weight_bytes / 1e6:.0f} MB of weights read per decode step: "
           f"bandwidth limit {limit:.0f} tok/s at batch 1")
-    scheduler = Scheduler([engine], max_batch=8, queue_size=8)
-    for batch_size in (1, 8):
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    scheduler = Scheduler([engine], max_batch=max(batch_sizes), queue_size=max(batch_sizes))
+    for batch_size in batch_sizes:
         cached = time_engine(engine, batch_size)
         line = f"  batch {batch_size}: KV cache {cached:8.1f} tok/s"
         if not args.skip_naive:

@@ -47,6 +47,7 @@ parser.add_argument("--max-tokens", type=int, default=64, help="tokens per reply
 parser.add_argument("--depth", type=int, default=4, help="depth of the random model the self-started server uses")
 parser.add_argument("--max-batch", type=int, default=16, help="--max-batch of the self-started (current) server")
 parser.add_argument("--threads", type=int, default=2, help="torch threads of the self-started server")
+parser.add_argument("--device-type", type=str, default="cpu", help="device of the self-started server: cpu | cuda | mps")
 parser.add_argument("--upload-mb", type=int, default=0,
                     help="instead of the load test: stream this many MB as one request body and print the server's peak RSS")
 parser.add_argument("--server-script", type=str, default=None,
@@ -93,7 +94,7 @@ def start_server(base_dir, script=None, root=None):
     env = {**os.environ, "NANOCHAT_BASE_DIR": base_dir, "PYTHONPATH": repo_root}  # a --server-script imports nanochat too
     server = [script] if script else ["-m", "scripts.chat_web", "--max-batch", str(args.max_batch)]
     process = subprocess.Popen([sys.executable, *server, "--host", "127.0.0.1", "--port", str(port),
-                                "--device-type", "cpu", "--threads", str(args.threads), "--queue-size", "1000"], env=env)
+                                "--device-type", args.device_type, "--threads", str(args.threads), "--queue-size", "1000"], env=env)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:

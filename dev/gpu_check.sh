@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# GPU check (one GPU, <= 9 minutes), in two parts:
+# GPU check (one GPU, <= 12 minutes), in three parts:
 #  1. speed: tok/s, MFU and peak memory of base pretraining steps at depth 12 and 20, then one midtraining
 #     step (packed conversation rows, tool outputs masked) and SFT steps (padded rows of changing length,
 #     eager), all through nanochat.training.train_step, bf16 + torch.compile, synthetic tokens.
 #     Target: >= 45% MFU at depth 20 on an H100.
 #  2. the pipeline: the real scripts end to end on CUDA at toy size, offline on the embedded sample and
 #     the stand-ins (tok_train -> base_train -> mid_train -> chat_sft -> chat_eval -> chat_rl -> chat_cli -> chat_web).
+#  3. serving: decode tok/s at depth 20 (batch 1 and 32, engine and scheduler) and the chat server under
+#     1/8/32 streaming clients (depth 12, random weights), all on CUDA.
 #     bash dev/gpu_check.sh                          # uses $PYTHON or python
-#     STEPS=30 DEPTHS="20" PIPELINE=0 bash dev/gpu_check.sh
+#     STEPS=30 DEPTHS="20" PIPELINE=0 SERVING=0 bash dev/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
@@ -83,7 +85,7 @@ for depth in [int(d) for d in os.environ["DEPTHS"].split()]:
     torch.cuda.empty_cache()
 PY
 
-[ "${PIPELINE:-1}" = 1 ] || exit 0
+if [ "${PIPELINE:-1}" = 1 ]; then
 echo "== 2. pipeline (toy size, offline data)"
 export NANOCHAT_BASE_DIR=$(mktemp -d) NANOCHAT_DATA=sample
 run() { echo "-- $*"; timeout ${STAGE_TIMEOUT:-150} "$PYTHON" -m "$@" 2>&1 | grep -v "^step 0000[2-9]\|^step 000[1-9]" | tail -${TAIL:-6} || echo "FAILED: $*"; }
@@ -100,3 +102,11 @@ TAIL=4 run scripts.chat_eval -i rl -a Arithmetic --max-problems 32 --max-new-tok
 TAIL=4 run scripts.chat_cli -p "What is 12 times 4?" -t 0 --max-tokens 64
 # the server on CUDA: one OpenAI-style request through the scheduler (continuous batching) and back
 TAIL=2 run dev.smoke_chat_web
+fi
+
+[ "${SERVING:-1}" = 1 ] || exit 0
+echo "== 3. serving"
+timeout ${SERVING_TIMEOUT:-150} "$PYTHON" -m dev.bench_decode --device cuda --depth 20 --vocab-size 65536 --dtypes bfloat16 \
+    --batch-sizes 1,32 --max-tokens 64 --repeats 2 --skip-naive 2>&1 | tail -4 || echo "decode bench FAILED or timed out"
+timeout ${SERVING_TIMEOUT:-150} "$PYTHON" -m dev.bench_server --device-type cuda --depth 12 --clients 1,8,32 \
+    --requests-per-client 2 2>&1 | grep "clients:\|Error\|error" || echo "server bench FAILED or timed out"
