@@ -21,7 +21,7 @@ Why a row's output does not depend on the other rows (greedy replies are the sam
 - a prompt is always prefilled on its own, and each row samples from its own logits with its own torch.Generator;
 - on CPU in float32 the step's matmuls and attention run in Rust kernels (nanochat/exact_decode.py) that give
   every output number one fixed chain of fused multiply-adds, whatever the batch: no padding needed, and they
-  beat MKL's small-M sgemm (a lone request decodes faster than through torch, 8 rows cost ~2x one row);
+  beat MKL's small-M sgemm (the whole step is one Rust call; 8 rows cost ~2-3x one row);
 - elsewhere (CUDA, bf16, a build without the kernels) attention runs row by row over each row's own keys
   and the matmuls see a batch padded to a multiple of ROW_MULTIPLE rows: MKL's sgemm computes a row the same
   way for every M that is a multiple of 4, but M = 1..3 take another kernel and M = 5..7 split the rows
