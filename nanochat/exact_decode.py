@@ -132,33 +132,36 @@ class ExactDecode:
         The rustbpe.DecodeModel of GPT._decode_tables' `tables`, built on first use: the addresses of the packed
         weights and tables, with the tensors behind them kept alive as long as the entry (the weights may be
         swapped or trained; the entry goes when the tables are rebuilt, as the head view is then released).
+        Returns (model, the tensors it reads, (n_layer, n_kv_head, head_dim) of the cache it takes, vocab).
         """
         layers, head, embedding, cos, sin = tables
         entry = self.models.get(id(head))
         if entry is None or entry[0]() is not head:
-            width, vocab = head.shape
+            (width, vocab), dim = head.shape, cos.shape[1]
+            qkv_shape, out_shape, fc_shape, proj_shape = (w.shape for w in layers[0][:4])
+            heads, kv_heads = out_shape[0] // dim, (qkv_shape[1] - out_shape[0]) // (2 * dim)
+            # the kernel trusts these sizes to walk raw memory: every tensor is checked against them once, here
+            assert embedding.is_contiguous() and embedding.dtype is torch.float32 and embedding.shape == (vocab, width)
+            assert cos.is_contiguous() and sin.is_contiguous() and cos.dtype is torch.float32 and sin.shape == cos.shape
+            assert qkv_shape == (width, (heads + 2 * kv_heads) * dim) and out_shape == (heads * dim, width)
+            assert proj_shape == fc_shape[::-1] and fc_shape[0] == width
             kept = [embedding.detach(), cos, sin]  # detached views hold the storage even if a parameter's .data is swapped
             blocks = []
             for index, (w_qkv, w_o, w_fc, w_proj, layer_idx, value_embed, lambdas) in enumerate(layers):
                 assert layer_idx == index, "decode tables out of layer order"
-                assert w_qkv.shape[0] == w_fc.shape[0] == w_o.shape[1] == w_proj.shape[1] == width
+                assert (w_qkv.shape, w_o.shape, w_fc.shape, w_proj.shape) == (qkv_shape, out_shape, fc_shape, proj_shape)
                 panels = [self.panels(w)[0] for w in (w_qkv, w_o, w_fc, w_proj)]
                 if value_embed is not None:
                     value_embed = value_embed.detach()
-                    assert value_embed.is_contiguous() and value_embed.dtype is torch.float32 and value_embed.size(0) == vocab
-                    panels.append(value_embed)
+                    assert value_embed.is_contiguous() and value_embed.dtype is torch.float32
+                    assert value_embed.shape == (vocab, kv_heads * dim)
+                    kept.append(value_embed)
                 kept += panels
-                blocks.append(tuple(p.data_ptr() for p in panels[:4]) + (0 if value_embed is None else value_embed.data_ptr(),
-                                                                         lambdas))
-            w_o = layers[0][1]
-            heads_width, fc_width, dim = w_o.shape[0], layers[0][2].shape[1], cos.shape[1]
-            kv_heads = (layers[0][0].shape[1] - heads_width) // (2 * dim)
-            assert embedding.is_contiguous() and embedding.dtype is torch.float32 and embedding.shape == (vocab, width)
-            assert cos.is_contiguous() and sin.is_contiguous() and cos.dtype is torch.float32 and sin.shape == cos.shape
+                blocks.append((*(p.data_ptr() for p in panels), 0 if value_embed is None else value_embed.data_ptr(), lambdas))
             head_panels = self.panels(head)[0]
             kept.append(head_panels)
-            model = rustbpe.DecodeModel(blocks, embedding.data_ptr(), head_panels.data_ptr(), vocab, width, fc_width,
-                                        heads_width // dim, kv_heads, dim, (cos.data_ptr(), sin.data_ptr(), cos.shape[0]),
+            model = rustbpe.DecodeModel(blocks, embedding.data_ptr(), head_panels.data_ptr(), vocab, width, fc_shape[1],
+                                        heads, kv_heads, dim, (cos.data_ptr(), sin.data_ptr(), cos.shape[0]),
                                         self.weight_dtype is torch.bfloat16, LOGIT_SOFTCAP)
             key = id(head)
             alive = weakref.ref(head, lambda _: self.models.pop(key, None))
@@ -167,15 +170,16 @@ class ExactDecode:
 
     def step(self, tables, tokens, cache, slots, positions):
         """
-        A whole decode step: tokens [B] (row r's token at positions[r] of slot slots[r]) -> logits [B, V], soft-capped
-        as GPT's (the kernel's tanh is within ~2e-7 of torch's and ~8x faster here). cache: float32 [n_layer, 2, slots, n_kv_head, capacity, head_dim], contiguous; each row's key
-        and value are written at its position, then each row attends over positions 0..positions[r] of its slot.
+        A whole decode step: tokens [B] (row r's token at positions[r] of slot slots[r]) -> logits [B, V],
+        soft-capped as GPT's (in the kernel: a tanh within ~2e-7 of torch's, where torch's took ~4 ns a value here).
+        cache: float32 [n_layer, 2, slots, n_kv_head, capacity, head_dim], contiguous; each row's key and value
+        are written at its position, then each row attends over positions 0..positions[r] of its slot.
         """
         model, _, (num_layers, kv_heads, dim), vocab = self.model(tables)
         # the kernel walks the cache by these sizes: checked here, as a wrong one would read past the tensor
         assert cache.is_contiguous() and cache.dtype is torch.float32 and cache.is_cpu, "the decode cache must be float32 on CPU"
-        assert cache.dim() == 6 and (cache.size(0), cache.size(1), cache.size(3), cache.size(5)) == (num_layers, 2, kv_heads, dim), \
-            f"cache {tuple(cache.shape)} for {num_layers} layers of {kv_heads} kv heads of {dim}"
+        sizes = (cache.size(0), cache.size(1), cache.size(3), cache.size(5)) if cache.dim() == 6 else None
+        assert sizes == (num_layers, 2, kv_heads, dim), f"cache {tuple(cache.shape)} for {num_layers} layers of {kv_heads} kv heads of {dim}"
         logits = torch.empty(len(slots), vocab)
         model.step(tokens.tolist(), slots, positions, cache.data_ptr(), cache.size(2), cache.size(4), logits.data_ptr(),
                    torch.get_num_threads(), PARALLEL_MIN_WORK)

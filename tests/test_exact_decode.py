@@ -197,6 +197,27 @@ def test_the_one_call_step_computes_the_torch_decode_step(tiny_tokenizer, n_kv_h
     torch.testing.assert_close(kernel_cache.cache, torch_cache.cache, rtol=1e-4, atol=1e-5)
 
 
+def test_the_one_call_step_with_bfloat16_panels_is_the_float32_step_of_the_rounded_weights(tiny_tokenizer):
+    # bf16 panels widen exactly to the bf16-rounded weights: the whole step must give the same bits as float32
+    # panels of a model whose matrices were rounded first (the embedding and value tables stay float32 in both)
+    import copy
+    model = random_gpt(tiny_tokenizer, n_layer=2, n_kv_head=2)
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in rounded.named_parameters():
+            if p.dim() == 2 and "wte" not in name:
+                p.copy_(p.to(torch.bfloat16).float())
+    tokens, slots, positions = torch.tensor([3, 9, 4]), [0, 1, 1], [0, 0, 1]
+    results = []
+    for exact, net in ((ExactDecode(torch.bfloat16), model), (ExactDecode(), rounded)):
+        cache = torch.zeros(2, 2, 2, 2, 8, 16)
+        results.append((exact.step(net._decode_tables(Engine(net, tiny_tokenizer)._new_cache(1, 8)), tokens, cache,
+                                   slots, positions), cache))
+    (bf16_logits, bf16_cache), (rounded_logits, rounded_cache) = results
+    assert torch.equal(bf16_logits, rounded_logits) and torch.equal(bf16_cache, rounded_cache)
+    assert bf16_cache[:, :, 1, :, :2].abs().sum() > 0 and not bf16_cache[:, :, 0, :, 1:].any()  # keys where rows put them
+
+
 def test_the_one_call_step_refuses_a_cache_of_another_shape(tiny_tokenizer):
     model = random_gpt(tiny_tokenizer, n_layer=2)
     tables = model._decode_tables(engine_cache := Engine(model, tiny_tokenizer)._new_cache(1, 8))
