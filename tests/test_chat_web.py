@@ -29,10 +29,10 @@ pytestmark = pytest.mark.slow
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def save_tiny_model(base_dir, tokenizer, sequence_len=4096):
+def save_tiny_model(base_dir, tokenizer, sequence_len=4096, n_embd=64):
     """A random 2-layer model as a real SFT checkpoint; its special tokens never win the argmax, so greedy replies run to max_tokens."""
     tokenizer.save(os.path.join(base_dir, "tokenizer"))
-    model = random_gpt(tokenizer, sequence_len=sequence_len, n_head=2, n_kv_head=2)
+    model = random_gpt(tokenizer, sequence_len=sequence_len, n_head=2, n_kv_head=2, n_embd=n_embd)
     save_checkpoint(os.path.join(base_dir, "chatsft_checkpoints", "d2"), 1, model.state_dict(), None,
                     {"model_config": dataclasses.asdict(model.config), "step": 1})
 
@@ -51,7 +51,9 @@ MAX_BATCH = 2  # the server's --max-batch here: replies decoded together
 @pytest.fixture(scope="module")
 def server(tiny_tokenizer, tmp_path_factory):
     base_dir = tmp_path_factory.mktemp("web_base")
-    save_tiny_model(str(base_dir), tiny_tokenizer)
+    # width 256, not 64: the exact kernels decode the narrow model at ~4,000 tok/s, so even a 4000-token reply
+    # (the most one request may ask) would end before the request-timeout test's 1.5 s deadline
+    save_tiny_model(str(base_dir), tiny_tokenizer, n_embd=256)
     port = free_port()
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "PYTHONPATH": REPO_ROOT}
     log_path = base_dir / "server.log"
@@ -386,7 +388,7 @@ def test_idle_and_slow_clients_are_dropped_after_the_request_timeout_but_a_long_
 
     def long_reply():  # sent whole at once, then answered for longer than the timeout: must not be cut
         started = time.time()
-        body = {"messages": GOOD, "max_tokens": 3000, "temperature": 0.0, "stream": True}  # ~4 s on a 2-core CPU
+        body = {"messages": GOOD, "max_tokens": 4000, "temperature": 0.0, "stream": True}  # ~3 s on a 2-core CPU
         with httpx.stream("POST", server["url"] + "/chat/completions", json=body, timeout=60) as response:
             reply["events"] = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
         reply["seconds"] = time.time() - started
