@@ -51,7 +51,7 @@ def group_advantages(rewards, divide_by_std=False):
 
 def sample_group(engine, tokenizer, task, conversation, num_samples, max_new_tokens, temperature, top_k, seed,
                  divide_by_std=False):
-    """Sample `num_samples` completions of one question, reward each with `task.evaluate`, set their advantages."""
+    """Sample `num_samples` completions of one question, score each with `task.reward`, set their advantages."""
     prompt = tokenizer.render_for_completion(conversation)
     results, masks = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens, temperature=temperature,
                                            top_k=top_k, seed=seed, keep_end_token=True)
@@ -61,7 +61,7 @@ def sample_group(engine, tokenizer, task, conversation, num_samples, max_new_tok
     for tokens, mask in zip(results, masks):
         completion = tokens[len(prompt):]
         reply = tokenizer.decode([token for token in completion if token not in ends])
-        rollouts.append(Rollout(tokens=tokens, sampled=mask, reward=float(task.evaluate(conversation, reply)),
+        rollouts.append(Rollout(tokens=tokens, sampled=mask, reward=float(task.reward(conversation, reply)),
                                 tool_calls=completion.count(python_start)))
     for rollout, advantage in zip(rollouts, group_advantages([r.reward for r in rollouts], divide_by_std)):
         rollout.advantage = advantage

@@ -159,7 +159,7 @@ def print_samples():
 
 logger = StepLogger(compute, num_iterations, flops_per_token, resumed_meta=meta, stage="base")
 val_bpb, min_val_bpb = meta.get("val_bpb"), meta.get("min_val_bpb", float("inf"))
-initial_val_bpb = None
+initial_val_bpb = meta.get("initial_val_bpb")  # a resumed run reports the first run's step-0 figure, not its own first eval
 
 
 def evaluate(step):
@@ -178,7 +178,7 @@ def save(step):
     save_training_state(checkpoint_dir, step, orig_model, optimizers, train_loader, {
         "step": step, "model_config": dataclasses.asdict(model_config), "user_config": user_config,
         "world_size": compute.world_size, "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
-        "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "smooth_train_loss": logger.smooth_loss,
+        "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "initial_val_bpb": initial_val_bpb, "smooth_train_loss": logger.smooth_loss,
         "total_training_time": logger.total_time,
     }, compute)
 

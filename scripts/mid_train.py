@@ -2,8 +2,8 @@
 Midtraining: the base model meets the chat format. Still next-token prediction on packed rows, like
 pretraining, but the documents are now conversations rendered with the chat special tokens: general
 chat, lettered multiple choice, math with calculator tool calls, who the assistant is, and spelling.
-Targets are every token except the tool outputs the engine forces in (train_on="all"); SFT then
-narrows the loss to the assistant's turns.
+Targets are every token except each conversation's opening <|bos|> and the tool outputs the engine
+forces in (train_on="all"); SFT then narrows the loss to the assistant's turns.
 
     python -m scripts.mid_train                                        # CPU / MPS / one GPU
     torchrun --standalone --nproc_per_node=8 -m scripts.mid_train -- --run mid

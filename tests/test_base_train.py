@@ -69,9 +69,11 @@ def test_loss_falls_and_resume_is_bit_exact(trained_base_dir):
     assert sorted(resumed) == list(range(11, 31))
     for step in range(11, 31):
         assert resumed[step] == losses[step], f"step {step}: {resumed[step]} after resume vs {losses[step]}"
-    resumed_weights, _, _ = load_checkpoint(checkpoint_dir, 30, "cpu")
+    resumed_weights, _, resumed_meta = load_checkpoint(checkpoint_dir, 30, "cpu")
     for name, tensor in final_weights.items():
         assert torch.equal(resumed_weights[name], tensor), name
+    # the report's "Initial val bpb" is still the first run's step-0 eval, not the resumed run's first one
+    assert resumed_meta["initial_val_bpb"] == pytest.approx(val[0], abs=1e-4) and val[0] > val[30] + 0.5
 
 
 @pytest.mark.slow

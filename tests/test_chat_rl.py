@@ -83,13 +83,14 @@ def test_forced_tool_output_tokens_get_no_gradient(tiny_tokenizer):
 
 
 class AnswerSeven:
-    """A trivially learnable rewarded task: any reply containing a '7' earns 1."""
+    """A trivially learnable rewarded task: any reply containing a '7' earns 1 (through `reward`, the RL hook
+    a Task may override; it has no `evaluate`, so sampling must ask for the reward)."""
 
     def __getitem__(self, index):
         return {"messages": [{"role": "user", "content": f"Say a number ({index})"}, {"role": "assistant", "content": "7"}]}
 
-    def evaluate(self, conversation, reply):
-        return int("7" in reply)
+    def reward(self, conversation, reply):
+        return float("7" in reply)
 
 
 @pytest.mark.slow
