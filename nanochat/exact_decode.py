@@ -28,7 +28,7 @@ from nanochat.gpt import LOGIT_SOFTCAP
 
 try:
     import rustbpe
-    KERNELS = hasattr(rustbpe, "decode_matmul")
+    KERNELS = hasattr(rustbpe, "DecodeModel")  # an older build without the one-call step counts as none
 except ImportError:  # a build without the extension: the scheduler falls back to padded torch steps
     rustbpe, KERNELS = None, False
 
@@ -179,7 +179,8 @@ class ExactDecode:
         # the kernel walks the cache by these sizes: checked here, as a wrong one would read past the tensor
         assert cache.is_contiguous() and cache.dtype is torch.float32 and cache.is_cpu, "the decode cache must be float32 on CPU"
         sizes = (cache.size(0), cache.size(1), cache.size(3), cache.size(5)) if cache.dim() == 6 else None
-        assert sizes == (num_layers, 2, kv_heads, dim), f"cache {tuple(cache.shape)} for {num_layers} layers of {kv_heads} kv heads of {dim}"
+        assert sizes == (num_layers, 2, kv_heads, dim), \
+            f"cache {tuple(cache.shape)} for {num_layers} layers of {kv_heads} kv heads of {dim}"
         logits = torch.empty(len(slots), vocab)
         model.step(tokens.tolist(), slots, positions, cache.data_ptr(), cache.size(2), cache.size(4), logits.data_ptr(),
                    torch.get_num_threads(), PARALLEL_MIN_WORK)

@@ -509,8 +509,8 @@ class GPT(nn.Module):
         layers, head, wte, cos2, sin2 = tables
         B = idx.size(0)
         kernels = getattr(kv_cache, "kernels", None)  # the exact CPU kernels (nanochat/exact_decode.py), or None: torch
-        if kernels is not None:  # the whole step in one Rust call, the same maths as the loop below (positions
-            return kernels.step(tables, idx.view(B), *kv_cache.kernel_rows(wte))  # past the rotary table: ValueError)
+        if kernels is not None:  # the whole step in one Rust call, the same maths as the loop below
+            return kernels.step(tables, idx.view(B), *kv_cache.kernel_rows(wte))  # refuses positions past the rotary table
         pos = kv_cache.get_pos()
         cfg = self.config
         H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head

@@ -248,21 +248,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum_lanes(&lanes, a, b, whole)
 }
 
-/// a . b for N vectors b at once, each exactly as `dot` computes it (the scalar path; dots4_avx2 is the fast one).
-#[inline(always)]
-fn dots<const N: usize>(a: &[f32], bs: [&[f32]; N]) -> [f32; N] {
-    let whole = a.len() / DOT_LANES * DOT_LANES;
-    std::array::from_fn(|i| {
-        let mut lanes = [0.0f32; DOT_LANES];
-        for (a_chunk, b_chunk) in a[..whole].chunks_exact(DOT_LANES).zip(bs[i][..whole].chunks_exact(DOT_LANES)) {
-            for l in 0..DOT_LANES {
-                lanes[l] = a_chunk[l].mul_add(b_chunk[l], lanes[l]);
-            }
-        }
-        sum_lanes(&lanes, a, bs[i], whole)
-    })
-}
-
 /// The fixed pairwise sum of a dot product's lanes, plus the products past the last whole lane group.
 #[inline(always)]
 fn sum_lanes(lanes: &[f32; DOT_LANES], a: &[f32], b: &[f32], whole: usize) -> f32 {
@@ -270,7 +255,7 @@ fn sum_lanes(lanes: &[f32; DOT_LANES], a: &[f32], b: &[f32], whole: usize) -> f3
     ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7])) + tail
 }
 
-/// `dots` of 4 keys in AVX2: 4 independent chains of vector multiply-adds, where one dot product's single
+/// `dot` of 4 keys at once in AVX2: 4 independent chains of vector multiply-adds, where one dot product's single
 /// chain waits ~4 cycles per step (attention scores ~3x faster). Each lane is the same fused multiply-add as
 /// the scalar path's, so the bits are too.
 #[cfg(target_arch = "x86_64")]
@@ -359,7 +344,7 @@ impl Attention {
                 scores.extend(dots4_avx2(q, four));
                 continue;
             }
-            scores.extend(dots(q, four));
+            scores.extend(four.map(|key| dot(q, key)));
         }
         for j in keys / 4 * 4..keys {
             scores.push(dot(q, key(j)));
@@ -747,7 +732,6 @@ mod tests {
             let bs: Vec<Vec<f32>> = (0..4).map(|j| (0..len).map(|i| ((i * 104729 + j * 31) % 997) as f32 / 211.0 - 2.3).collect()).collect();
             let four = [&bs[0][..], &bs[1][..], &bs[2][..], &bs[3][..]];
             let single: Vec<u32> = four.iter().map(|b| dot(&a, b).to_bits()).collect();
-            assert_eq!(dots(&a, four).map(f32::to_bits)[..], single[..], "scalar, length {len}");
             #[cfg(target_arch = "x86_64")]
             if vectorized() {
                 assert_eq!(unsafe { dots4_avx2(&a, four) }.map(f32::to_bits)[..], single[..], "AVX2, length {len}");
