@@ -10,7 +10,7 @@
 #   NANOCHAT_PROFILE   gpu | cpu | smoke. Default: gpu when torch sees a GPU, else cpu.
 #                      cpu:   a tiny model on the embedded sample corpus and the offline stand-ins for the chat
 #                             data (NANOCHAT_DATA=sample), every stage, ~27 minutes on 2 cores.
-#                      smoke: every stage at the smallest size that still exercises it (~3 minutes on 2 cores),
+#                      smoke: every stage at the smallest size that still exercises it (~2 minutes on 2 cores),
 #                             then one chat_cli prompt and one request to a started chat_web. The tests run it.
 #   DEPTH              the model's size dial on the GPU profile (default 20; run1000.sh uses 32)
 #   DEVICE_BATCH_SIZE  rows per GPU per micro-step on the GPU profile (default 32; halve it if out of memory,
