@@ -10,38 +10,46 @@
 #     1/8/32 streaming clients (depth 12, random weights), all on CUDA.
 #     bash dev/gpu_check.sh                          # uses $PYTHON or python
 #     STEPS=30 DEPTHS="20" PIPELINE=0 SERVING=0 bash dev/gpu_check.sh
+# Device time is scarce, so the tests run part 1 tiny on CPU (DEVICE=cpu COMPILE=0) and check that every command of
+# parts 2 and 3 uses flags its script accepts (tests/test_gpu_check.py): an API drift fails here, not on the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+[ "${DEVICE:-cuda}" = cpu ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 echo "== 1. speed"
 STEPS=${STEPS:-20} DEPTHS=${DEPTHS:-"12 20"} DEVICE_BATCH=${DEVICE_BATCH:-32} SEQ_LEN=${SEQ_LEN:-2048} VOCAB=${VOCAB:-32768} \
+DEVICE=${DEVICE:-cuda} COMPILE=${COMPILE:-1} \
 timeout ${SPEED_TIMEOUT:-330} "$PYTHON" - <<'PY' || echo "speed check FAILED or timed out (exit $?)"
 import dataclasses, os, random, time
 import torch
 from nanochat.gpt import GPT, model_config_from_depth
 from nanochat.training import get_peak_flops, train_step
 
-assert torch.cuda.is_available(), "no CUDA device: this check needs a GPU"
-device = torch.device("cuda", 0)
-torch.cuda.set_device(device)
+cuda = os.environ["DEVICE"] == "cuda"
+assert torch.cuda.is_available() or not cuda, "no CUDA device: this check needs a GPU"
+device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+if cuda:
+    torch.cuda.set_device(device)
 torch.set_float32_matmul_precision("high")
 steps, batch, seq_len, vocab = (int(os.environ[k]) for k in ("STEPS", "DEVICE_BATCH", "SEQ_LEN", "VOCAB"))
 peak = get_peak_flops(device)
-autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-print(f"{torch.cuda.get_device_name(device)} | torch {torch.__version__} | bf16 peak {peak and peak / 1e12:.0f} TFLOP/s", flush=True)
+autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+synchronize = torch.cuda.synchronize if cuda else lambda: None
+print(f"{torch.cuda.get_device_name(device) if cuda else 'CPU'} | torch {torch.__version__} | "
+      f"bf16 peak {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown (MFU n/a)'}", flush=True)
 
 
 def measure(name, model, compiled, optimizers, make_batch, steps, flops_per_token):
     batches = iter(make_batch, None)
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     start = time.time()
     for _ in range(3):  # compile + warm up
         train_step(compiled, optimizers, batches, 1, autocast, 1.0, 0.95)[0].item()
     compile_s = time.time() - start
-    torch.cuda.synchronize()
+    synchronize()
     start, tokens = time.time(), 0
     for _ in range(steps):
         loss, positions = train_step(compiled, optimizers, batches, 1, autocast, 1.0, 0.95)
@@ -50,8 +58,9 @@ def measure(name, model, compiled, optimizers, make_batch, steps, flops_per_toke
     dt = time.time() - start
     tok_per_sec = tokens / dt
     mfu = 100 * flops_per_token * tok_per_sec / peak if peak else float("nan")
+    peak_memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     print(f"{name:28s} | params {model.num_params() / 1e6:6.1f}M | compile+warmup {compile_s:5.1f}s | step {dt / steps * 1000:6.1f}ms | "
-          f"tok/s {tok_per_sec:,.0f} | MFU {mfu:.1f}% | peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB | loss {loss:.3f}", flush=True)
+          f"tok/s {tok_per_sec:,.0f} | MFU {mfu:.1f}% | peak mem {peak_memory:.1f} GiB | loss {loss:.3f}", flush=True)
 
 
 for depth in [int(d) for d in os.environ["DEPTHS"].split()]:
@@ -61,7 +70,7 @@ for depth in [int(d) for d in os.environ["DEPTHS"].split()]:
     model.to_empty(device=device)
     model.init_weights()
     optimizers = model.setup_optimizers(compute_dtype=torch.bfloat16)
-    compiled = torch.compile(model, dynamic=False)
+    compiled = torch.compile(model, dynamic=False) if os.environ["COMPILE"] == "1" else model
     flops = model.estimate_flops()
     base_batch = lambda: (torch.randint(0, vocab, (batch, seq_len), device=device), torch.randint(0, vocab, (batch, seq_len), device=device))
     measure(f"base depth {depth}", model, compiled, optimizers, base_batch, steps, flops)
@@ -71,18 +80,19 @@ for depth in [int(d) for d in os.environ["DEPTHS"].split()]:
     def mid_batch():  # packed conversations: same shapes as pretraining, ~15% of the targets masked (tool outputs)
         inputs, targets = base_batch()
         return inputs, targets.masked_fill(torch.rand(targets.shape, device=device) < 0.15, -1)
-    measure(f"mid step depth {depth}", model, compiled, optimizers, mid_batch, 3, flops)
+    measure(f"mid step depth {depth}", model, compiled, optimizers, mid_batch, min(3, steps), flops)
 
-    sft_rows = 16
+    sft_rows = max(1, batch // 2)
     def sft_batch():  # one conversation per row, padded to the longest of the micro-batch (a multiple of 8)
-        length = random.Random(torch.randint(0, 10**6, ()).item()).randrange(256, seq_len + 1, 8)
+        length = random.Random(torch.randint(0, 10**6, ()).item()).randrange(min(256, seq_len), seq_len + 1, 8)
         inputs, targets = torch.randint(0, vocab, (sft_rows, length), device=device), torch.randint(0, vocab, (sft_rows, length), device=device)
         lengths = torch.randint(length // 4, length + 1, (sft_rows, 1), device=device)
         return inputs, targets.masked_fill(torch.arange(length, device=device) >= lengths, -1)
     # eager, as chat_sft runs it: a dynamic-shape compile had not finished after ~3 minutes here
-    measure(f"SFT steps depth {depth} (eager)", model, model, optimizers, sft_batch, 8, flops)
+    measure(f"SFT steps depth {depth} (eager)", model, model, optimizers, sft_batch, min(8, steps), flops)
     del model, compiled, optimizers
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
 PY
 
 if [ "${PIPELINE:-1}" = 1 ]; then
