@@ -53,3 +53,23 @@ def test_every_command_of_the_pipeline_and_serving_parts_uses_flags_its_script_a
         assert process.returncode == 0, f"{module} --help failed:\n{text[-2000:]}"
         unknown = sorted(flag for flag in commands[module] if not re.search(rf"(?<![\w-]){re.escape(flag)}\b", text))
         assert not unknown, f"dev/gpu_check.sh passes {module} flags its --help does not list: {unknown}"
+
+
+def test_the_serving_part_benchmarks_run_tiny_on_cpu():
+    """Part 3's two benchmarks, at depth 2 on CPU: decode through the KV cache and the scheduler, then the real
+    server under 1 and 2 streaming clients."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = lambda args: subprocess.run([sys.executable, "-m"] + args, cwd=REPO_ROOT, env=env, capture_output=True,
+                                      text=True, timeout=180)
+    decode = run(["dev.bench_decode", "--device", "cpu", "--depth", "2", "--vocab-size", "512", "--dtypes", "float32",
+                  "--batch-sizes", "1,2", "--max-tokens", "8", "--repeats", "1", "--skip-naive"])
+    assert decode.returncode == 0, decode.stdout[-2000:] + decode.stderr[-2000:]
+    rates = re.findall(r"batch (\d+): KV cache +([\d.]+) tok/s \| scheduler +([\d.]+) tok/s", decode.stdout)
+    assert [batch for batch, _, _ in rates] == ["1", "2"] and all(float(a) > 0 and float(b) > 0 for _, a, b in rates), decode.stdout
+    server = run(["dev.bench_server", "--depth", "2", "--clients", "1,2", "--requests-per-client", "1", "--max-tokens", "16"])
+    assert server.returncode == 0, server.stdout[-2000:] + server.stderr[-2000:]
+    output = server.stdout + server.stderr
+    rows = re.findall(r"(\d+) clients?: .*? ([\d.]+) tok/s .*first token p50 +([\d.]+) ms", output)
+    assert [clients for clients, _, _ in rows] == ["1", "2"] and all(float(rate) > 0 for _, rate, _ in rows), output[-3000:]
+    served = re.search(r"'requests_served': (\d+)", output)
+    assert served and int(served.group(1)) == 1 + 1 + 2, "/stats should count the warm-up request and the 1 + 2 timed ones"
