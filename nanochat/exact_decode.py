@@ -132,7 +132,7 @@ class ExactDecode:
         The rustbpe.DecodeModel of GPT._decode_tables' `tables`, built on first use: the addresses of the packed
         weights and tables, with the tensors behind them kept alive as long as the entry (the weights may be
         swapped or trained; the entry goes when the tables are rebuilt, as the head view is then released).
-        Returns (model, the tensors it reads, (n_layer, n_kv_head, head_dim) of the cache it takes, vocab).
+        Returns (model, (n_layer, n_kv_head, head_dim) of the cache it takes, vocab).
         """
         layers, head, embedding, cos, sin = tables
         entry = self.models.get(id(head))
@@ -166,7 +166,8 @@ class ExactDecode:
             key = id(head)
             alive = weakref.ref(head, lambda _: self.models.pop(key, None))
             entry = self.models[key] = (alive, model, kept, (len(layers), kv_heads, dim), vocab)
-        return entry[1:]
+        _, model, _, cache_sizes, vocab = entry
+        return model, cache_sizes, vocab
 
     def step(self, tables, tokens, cache, slots, positions):
         """
@@ -175,7 +176,7 @@ class ExactDecode:
         cache: float32 [n_layer, 2, slots, n_kv_head, capacity, head_dim], contiguous; each row's key and value
         are written at its position, then each row attends over positions 0..positions[r] of its slot.
         """
-        model, _, (num_layers, kv_heads, dim), vocab = self.model(tables)
+        model, (num_layers, kv_heads, dim), vocab = self.model(tables)
         # the kernel walks the cache by these sizes: checked here, as a wrong one would read past the tensor
         assert cache.is_contiguous() and cache.dtype is torch.float32 and cache.is_cpu, "the decode cache must be float32 on CPU"
         sizes = (cache.size(0), cache.size(1), cache.size(3), cache.size(5)) if cache.dim() == 6 else None

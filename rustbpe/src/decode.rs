@@ -507,13 +507,13 @@ pub struct Block {
     lambdas: Option<(f32, f32)>,   // x0 mixing: the block's input is a x + b x0
 }
 
+/// A block as Python passes it: (qkv, out_proj, fc, proj, value_embed or 0, lambdas or None).
+type BlockAddresses = (usize, usize, usize, usize, usize, Option<(f32, f32)>);
+
 /// A whole decode step of nanochat/gpt.py's GPT in one call: embedding, every block, the head.
 /// Why one call: at depth 4 a step is ~20 small products and 4 attentions of 10-60 us each; driving them
 /// from Python cost ~0.4 ms of a ~1.2 ms batch-1 step in wrappers, checks and torch glue. Each product and
 /// attention inside is the same exact kernel as decode_matmul / decode_attention, so rows stay batch-independent.
-/// A block as Python passes it: (qkv, out_proj, fc, proj, value_embed or 0, lambdas or None).
-type BlockAddresses = (usize, usize, usize, usize, usize, Option<(f32, f32)>);
-
 #[pyclass(frozen)]
 pub struct DecodeModel {
     blocks: Vec<Block>,
