@@ -22,7 +22,6 @@ import gzip
 import html.parser
 import json
 import os
-import pickle
 import subprocess
 import sys
 import tempfile
@@ -187,8 +186,9 @@ def run_worker(args):
         seconds = time.time() - started
         merges = None
         module = sys.modules["tokenizers"].__file__
-    with open(args.result, "wb") as f:
-        pickle.dump({"seconds": seconds, "merges": merges, "module": module, "peak_rss_mb": own_peak_rss_mb()}, f)
+    with open(args.result, "w", encoding="utf-8") as f:  # JSON, tokens as hex: the driver unpickles nothing
+        json.dump({"seconds": seconds, "merges": None if merges is None else [token.hex() for token in merges],
+                   "module": module, "peak_rss_mb": own_peak_rss_mb()}, f)
 
 
 def own_peak_rss_mb():
@@ -213,7 +213,7 @@ def corpus_bytes(corpus, doc_cap, max_bytes):
 
 def run_trainer(name, python, args, vocab_size, workdir):
     """Train in a fresh subprocess; returns seconds, the child's own peak RSS (MB) and its merges."""
-    result_path = os.path.join(workdir, f"{name}_{vocab_size}.pkl")
+    result_path = os.path.join(workdir, f"{name}_{vocab_size}.json")
     command = [python, os.path.abspath(__file__), "--worker", name, "--vocab-size", str(vocab_size),
                "--corpus", args.corpus, "--doc-cap", str(args.doc_cap), "--max-mb", str(args.max_mb), "--result", result_path]
     env = dict(os.environ, PYTHONPATH="")  # the worker must import the venv's own rustbpe, never the repo's
@@ -221,8 +221,10 @@ def run_trainer(name, python, args, vocab_size, workdir):
     _, status, usage = os.wait4(process.pid, 0)
     if status != 0:
         sys.exit(f"{name} trainer failed (exit status {status}); command: {' '.join(command)}")
-    with open(result_path, "rb") as f:
-        result = pickle.load(f)
+    with open(result_path, encoding="utf-8") as f:
+        result = json.load(f)
+    if result["merges"] is not None:
+        result["merges"] = [bytes.fromhex(token) for token in result["merges"]]
     result["rss_mb"] = result["peak_rss_mb"] or usage.ru_maxrss / 1024  # Linux reports KiB
     return result
 
@@ -247,7 +249,7 @@ def best_of(repeats, work):
 def bench_encode(merges, args):
     """tiktoken path: encode() one document at a time on 1 thread, and encode(list, num_threads=2)."""
     from nanochat.tokenizer import RustBPETokenizer
-    tokenizer = RustBPETokenizer(RustBPETokenizer._build_encoding(SPLIT_PATTERN, {token: rank for rank, token in enumerate(merges)}))
+    tokenizer = RustBPETokenizer.from_mergeable_ranks(SPLIT_PATTERN, {token: rank for rank, token in enumerate(merges)})
     documents = list(iterate_corpus(args.corpus, args.doc_cap, int(args.encode_mb * 1e6)))
     megabytes = sum(len(text.encode()) for text in documents) / 1e6
     single_seconds, single = best_of(2, lambda: [tokenizer.encode(text) for text in documents])

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import secrets
+from pickle import UnpicklingError
 
 import torch
 
@@ -146,8 +147,15 @@ def load_checked(path, record, load):
     check_file(path, record)
     try:
         return load(path)
-    except (MemoryError, torch.OutOfMemoryError):  # no fault of the file
+    except (MemoryError, torch.OutOfMemoryError, DamagedArtifactError):  # no fault of the file / a message already complete
         raise
-    except Exception as e:  # a truncated zip, a bad pickle opcode, an unexpected EOF: whatever the parser says, the file is bad
+    except UnpicklingError:
+        # torch.load(weights_only=True) met an object that is not a tensor or plain data: loading it would mean
+        # running code named by the file, so it is refused, whatever its record says (a record is no signature)
+        raise DamagedArtifactError(f"{path} cannot be read: it is not a file of tensors and plain data (other objects "
+                                   f"are never loaded: unpickling them could run code)") from None
+    except ValueError as e:  # our own format checks (tokenizer, JSON): their first line names what is wrong
+        raise DamagedArtifactError(f"{path} is not valid: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
+    except Exception as e:  # a truncated zip, an unexpected EOF: whatever the parser says, the file is bad
         # only the error's type: parsers' own messages run to paragraphs (torch's even suggests weights_only=False)
         raise DamagedArtifactError(f"{path} cannot be read: its bytes do not parse ({type(e).__name__})") from None

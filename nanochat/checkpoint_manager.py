@@ -10,8 +10,12 @@ A checkpoint for step S in <checkpoints_dir>/<tag>/ (tag like d20) is three kind
 Every file is written under a temporary name and renamed into place, so a crash mid-save never
 damages an existing file, and a step only counts as saved once its meta_S.json exists.
 
-Loading checks each file against its record before unpickling it (nanochat/artifacts.py), so a truncated
-or corrupted file is reported by name, with the steps whose files are still whole. Why the shards keep
+Loading checks each file against its record before reading it (nanochat/artifacts.py), so a truncated
+or corrupted file is reported by name, with the steps whose files are still whole. Every .pt file is read
+with torch.load(weights_only=True): tensors, numbers, strings, lists and dicts only. A record is a checksum,
+not a signature (whoever can write the file can write its record), so what keeps a planted file from running
+code is that nothing but plain data is ever unpickled; everything an exact resume needs (optimizer state,
+RNG states, the loader's position) is kept in those types. Why the shards keep
 their records in their own small files: ranks do not talk to each other while saving, so rank 0 cannot
 know the checksum of another rank's shard when it writes the meta; each rank records what it wrote.
 Checkpoints saved before records existed have none, and still load.
@@ -143,14 +147,60 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0, 
         records = meta_data.pop("files", {})  # bookkeeping of this module, not part of what the stage saved
         model_path = _model_path(checkpoint_dir, step)
         model_data = load_checked(model_path, records.get(os.path.basename(model_path)),
-                                  lambda path: torch.load(path, map_location=device))
+                                  lambda path: torch.load(path, map_location=device, weights_only=True))
         optimizer_data = None
         if load_optimizer:
             optimizer_data = load_checked(optim_path, read_sidecar(optim_path),
-                                          lambda path: torch.load(path, map_location=device, weights_only=False))
+                                          lambda path: torch.load(path, map_location=device, weights_only=True))
     except DamagedArtifactError as e:
         raise DamagedArtifactError(f"{e}; {_damage_remedy(checkpoint_dir, step)}") from None
     return model_data, optimizer_data, meta_data
+
+
+# What a checkpoint's model_config may ask for, checked before anything is built from it: far above any model this
+# repo trains (depth 32 is ~1.9B parameters), low enough that a damaged or hostile meta cannot ask for terabytes
+# (vocab 10**12) or hang while a million layers are built. sequence_len bounds the rotary table (10x it is built).
+MODEL_CONFIG_BOUNDS = {"sequence_len": (1, 65536), "vocab_size": (1, 2**21), "n_layer": (1, 256), "n_head": (1, 1024),
+                       "n_kv_head": (1, 1024), "n_embd": (1, 65536)}
+MODEL_CONFIG_FLAGS = ("x0_mixing", "value_embeds")  # booleans; a meta written before a flag existed lacks it: off
+
+
+def model_config_from_meta(model_config, meta_path):
+    """The GPTConfig a meta's model_config describes, or ValueError listing every way it is not one we can build."""
+    if not isinstance(model_config, dict):
+        raise ValueError(f"{meta_path}: model_config must be an object, found {type(model_config).__name__}")
+    problems = [f"unknown key {key!r}" for key in model_config if key not in MODEL_CONFIG_BOUNDS and key not in MODEL_CONFIG_FLAGS]
+    for key, (low, high) in MODEL_CONFIG_BOUNDS.items():
+        value = model_config.get(key)
+        if type(value) is not int or not low <= value <= high:  # type(): a bool is an int, and True layers is no depth
+            problems.append(f"{key} must be an integer from {low} to {high:,} (found {value!r})")
+    problems += [f"{flag} must be true or false (found {model_config[flag]!r})"
+                 for flag in MODEL_CONFIG_FLAGS if flag in model_config and not isinstance(model_config[flag], bool)]
+    if not problems:
+        n_embd, n_head, n_kv_head = model_config["n_embd"], model_config["n_head"], model_config["n_kv_head"]
+        if n_embd % n_head or (n_embd // n_head) % 2:
+            problems.append(f"n_embd {n_embd} must split into n_head {n_head} heads of an even width (rotary pairs channels)")
+        if n_head % n_kv_head:
+            problems.append(f"n_kv_head {n_kv_head} must divide n_head {n_head}")
+    if problems:
+        raise ValueError(f"{meta_path} does not describe a model this code can build: {'; '.join(problems)}")
+    return GPTConfig(**model_config)
+
+
+def check_state_dict(model, model_data, path):
+    """Every tensor the model needs, with its shape, and nothing else: one message listing what differs."""
+    if not isinstance(model_data, dict):
+        raise ValueError(f"{path} holds a {type(model_data).__name__}, not a model's state dict")
+    found = {str(name).removeprefix("_orig_mod."): value for name, value in model_data.items()}  # torch.compile's prefix
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    problems = [f"missing {name}" for name in expected if name not in found]
+    problems += [f"unexpected {name}" for name in found if name not in expected]
+    problems += [f"{name} is {type(value).__name__ if not torch.is_tensor(value) else tuple(value.shape)}, expected {expected[name]}"
+                 for name, value in found.items() if name in expected and (not torch.is_tensor(value) or tuple(value.shape) != expected[name])]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise ValueError(f"{path} does not match the model its meta describes: {shown}")
+    return found
 
 
 def build_model(checkpoint_dir, step, device, phase):
@@ -160,22 +210,23 @@ def build_model(checkpoint_dir, step, device, phase):
     from nanochat.tokenizer import get_tokenizer
     tokenizer = get_tokenizer()  # first: a missing or damaged tokenizer is reported before seconds of building the model
     model_data, _, meta = load_checkpoint(checkpoint_dir, step, device, required_meta_keys=("model_config",))
-    # checkpoints written from a torch.compile'd model carry this prefix
-    # fp32 weights whatever was saved, as training expects; the chat front ends cast to bf16 themselves
-    # (engine.prepare_for_inference)
-    model_data = {k.removeprefix("_orig_mod."): v.float() if v.is_floating_point() else v for k, v in model_data.items()}
-    config = GPTConfig(**meta["model_config"])
+    config = model_config_from_meta(meta["model_config"], _meta_path(checkpoint_dir, step))
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the checkpoint in {checkpoint_dir} "
+                         f"was trained with {config.vocab_size}; retrain one of them so they match")
     # build on the meta device (shapes only), then allocate once on the target device: no throwaway
-    # random init in CPU memory for a model that is about to be overwritten
+    # random init in CPU memory for a model that is about to be overwritten, and no allocation at all before
+    # the file's tensors are known to have the shapes the config implies
     with torch.device("meta"):
         model = GPT(config)
+    model_data = check_state_dict(model, model_data, _model_path(checkpoint_dir, step))
+    # fp32 weights whatever was saved, as training expects; the chat front ends cast to bf16 themselves
+    # (engine.prepare_for_inference)
+    model_data = {k: v.float() if v.is_floating_point() else v for k, v in model_data.items()}
     model.to_empty(device=device)
     model.init_weights()  # rotary tables are not stored; the weights are overwritten next
     model.load_state_dict(model_data, strict=True, assign=True)
     model.train(phase == "train")
-    if tokenizer.get_vocab_size() != config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the checkpoint in {checkpoint_dir} "
-                         f"was trained with {config.vocab_size}; retrain one of them so they match")
     return model, tokenizer, meta
 
 

@@ -99,8 +99,14 @@ def load_core_tasks(bundle_dir):
     """[{label, task_type, dataset_uri, num_fewshot, continuation_delimiter, random_baseline}] from core.yaml + eval_meta_data.csv."""
     import yaml
 
-    with open(os.path.join(bundle_dir, "core.yaml"), encoding="utf-8") as f:
-        config = yaml.safe_load(f)
+    path = os.path.join(bundle_dir, "core.yaml")
+    try:  # safe_load builds plain data only: a `!!python/object` tag in the file is an error, never a call
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a plain YAML file of tasks: {str(e).splitlines()[0]}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("icl_tasks"), list):
+        raise ValueError(f"{path} must hold a mapping with a list under icl_tasks")
     baselines = {}
     with open(os.path.join(bundle_dir, "eval_meta_data.csv"), encoding="utf-8") as f:
         for row in csv.DictReader(f):

@@ -11,17 +11,23 @@ runs of digits, punctuation, whitespace) and merges never cross a chunk boundary
 
 Vocabulary layout: 256 byte tokens, then the merges, then the special tokens below. The chat format
 (docs/chat_format.md) is rendered here, together with the loss mask that says which tokens the assistant must learn.
-Both saved files carry their size and sha256 next to them (<file>.json), so a damaged one is named, with
-the fix: rerun tok_train (nanochat/artifacts.py).
+
+On disk a tokenizer is plain text, never a pickle (unpickling runs whatever code the file names, and a
+tokenizer is read by every stage and by the chat server): `tokenizer.tiktoken` holds the merges in
+tiktoken's own format, one `base64(token bytes) rank` per line, and `tokenizer_config.json` the split
+pattern and the special tokens. Every saved file carries its size and sha256 next to it (<file>.json), so
+a damaged one is named, with the fix: rerun tok_train (nanochat/artifacts.py).
 """
+import base64
+import binascii
+import json
 import os
-import pickle
 
 import rustbpe
 import tiktoken
 import torch
 
-from nanochat.artifacts import DamagedArtifactError, load_checked, read_sidecar, write_recorded
+from nanochat.artifacts import DamagedArtifactError, load_checked, read_json, read_sidecar, write_recorded
 from nanochat.common import get_base_dir
 
 SPECIAL_TOKENS = [
@@ -38,6 +44,11 @@ SPECIAL_TOKENS = [
 
 # GPT-4's split pattern with digits grouped 1-2 (not 1-3): fewer number merges at our small vocab sizes
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+
+RANKS_FILE = "tokenizer.tiktoken"  # the merges: `base64(token bytes) rank` per line, as tiktoken.load.load_tiktoken_bpe reads
+CONFIG_FILE = "tokenizer_config.json"  # the split pattern, the special tokens and their ids, the vocab size
+LEGACY_PICKLE_FILE = "tokenizer.pkl"  # the format before: refused on load, converted by tok_train --convert-pickle
+MAX_VOCAB_SIZE = 2**21  # 64x the default vocab; a config asking for more is damaged or hostile, not a tokenizer
 
 # an assistant message's content is a str, or a list of parts of these types (a reply that used the tool)
 ASSISTANT_PART_TYPES = ("text", "python", "python_output")
@@ -61,27 +72,33 @@ class RustBPETokenizer:
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(text_iterator, bpe_vocab_size, buffer_size=buffer_size, pattern=SPLIT_PATTERN)
         mergeable_ranks = {token_bytes: rank for token_bytes, rank in trainer.get_mergeable_ranks()}
-        return cls(cls._build_encoding(trainer.get_pattern(), mergeable_ranks))
+        return cls.from_mergeable_ranks(trainer.get_pattern(), mergeable_ranks)
 
-    @staticmethod
-    def _build_encoding(pattern, mergeable_ranks):
+    @classmethod
+    def from_mergeable_ranks(cls, pattern, mergeable_ranks):
         # special tokens come right after however many BPE tokens training produced
         offset = len(mergeable_ranks)
         special_tokens = {name: offset + i for i, name in enumerate(SPECIAL_TOKENS)}
-        return tiktoken.Encoding(name="nanochat", pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
+        return cls(tiktoken.Encoding(name="nanochat", pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens))
 
     @classmethod
     def from_directory(cls, tokenizer_dir):
-        path = os.path.join(tokenizer_dir, "tokenizer.pkl")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no tokenizer at {path}: train one first with `python -m scripts.tok_train`")
-
-        def read_encoding(path):
-            with open(path, "rb") as f:
-                saved = pickle.load(f)
-            return cls._build_encoding(saved["pattern"], saved["mergeable_ranks"])
-
-        return cls(_load_tokenizer_file(path, read_encoding))
+        """Load a tokenizer saved by save(): plain text and JSON, each checked against its record first."""
+        config_path = os.path.join(tokenizer_dir, CONFIG_FILE)
+        if not os.path.exists(config_path):
+            if os.path.exists(os.path.join(tokenizer_dir, LEGACY_PICKLE_FILE)):
+                raise ValueError(f"{os.path.join(tokenizer_dir, LEGACY_PICKLE_FILE)} is a tokenizer in the old pickle format, which "
+                                 f"is no longer loaded (unpickling a file runs any code it holds). Convert it with "
+                                 f"`python -m scripts.tok_train --convert-pickle {tokenizer_dir}` (it reads only plain data "
+                                 f"from the pickle and refuses anything else), or retrain with `python -m scripts.tok_train`")
+            raise FileNotFoundError(f"no tokenizer at {config_path}: train one first with `python -m scripts.tok_train`")
+        config = _load_tokenizer_file(config_path, read_tokenizer_config)
+        ranks_path = os.path.join(tokenizer_dir, RANKS_FILE)
+        mergeable_ranks = _load_tokenizer_file(ranks_path, read_mergeable_ranks)
+        if len(mergeable_ranks) != config["bpe_vocab_size"]:
+            raise DamagedArtifactError(f"{ranks_path} holds {len(mergeable_ranks)} tokens but {config_path} says "
+                                       f"{config['bpe_vocab_size']}; retrain the tokenizer with `python -m scripts.tok_train`")
+        return cls.from_mergeable_ranks(config["pattern"], mergeable_ranks)
 
     @classmethod
     def from_pretrained(cls, tiktoken_name):
@@ -90,10 +107,14 @@ class RustBPETokenizer:
         return cls(encoding, bos_token="<|endoftext|>")  # GPT-2/GPT-4's document separator plays the BOS role
 
     def save(self, tokenizer_dir):
-        """Write tokenizer.pkl and token_bytes.pt atomically, each with its record (size, sha256) next to it."""
+        """Write the ranks, the config and token_bytes.pt atomically, each with its record (size, sha256) next to it."""
         os.makedirs(tokenizer_dir, exist_ok=True)
-        saved = {"pattern": self.enc._pat_str, "mergeable_ranks": self.enc._mergeable_ranks}
-        write_recorded(os.path.join(tokenizer_dir, "tokenizer.pkl"), lambda f: pickle.dump(saved, f), record_beside=True)
+        ranks = self.enc._mergeable_ranks
+        write_recorded(os.path.join(tokenizer_dir, RANKS_FILE), lambda f: f.write(format_mergeable_ranks(ranks)), record_beside=True)
+        config = {"pattern": self.enc._pat_str, "vocab_size": self.get_vocab_size(),
+                  "special_tokens": {name: self.encode_special(name) for name in SPECIAL_TOKENS}}
+        write_recorded(os.path.join(tokenizer_dir, CONFIG_FILE), lambda f: f.write(json.dumps(config, indent=2).encode()),
+                       record_beside=True)
         token_bytes = self.compute_token_bytes()
         write_recorded(os.path.join(tokenizer_dir, "token_bytes.pt"), lambda f: torch.save(token_bytes, f), record_beside=True)
 
@@ -253,6 +274,54 @@ def normalize_conversation(conversation, allow_ending_with_user=True):
     return messages
 
 
+def format_mergeable_ranks(mergeable_ranks):
+    """tiktoken's text format: one `base64(token bytes) rank` line per token, in rank order."""
+    ordered = sorted(mergeable_ranks.items(), key=lambda item: item[1])
+    return b"".join(base64.b64encode(token) + b" " + str(rank).encode() + b"\n" for token, rank in ordered)
+
+
+def read_mergeable_ranks(path):
+    """
+    {token bytes: rank} from a RANKS_FILE, checked to be a usable byte-level BPE: ranks 0..n-1 in order and
+    every single byte present (tiktoken cannot encode a byte it has no token for). We parse the 3-field format
+    ourselves: tiktoken.load.load_tiktoken_bpe reads the same lines, but keeps a copy of any local file in a
+    shared temp directory keyed by its path and returns that copy next time, so a retrained tokenizer at the
+    same path would load stale merges.
+    """
+    ranks = {}
+    with open(path, "rb") as f:
+        for line_number, line in enumerate(f, start=1):
+            fields = line.split()
+            try:
+                token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
+            except (IndexError, ValueError, binascii.Error):
+                raise ValueError(f"line {line_number} is not `base64(token) rank`") from None
+            if len(fields) != 2 or rank != len(ranks) or not token or token in ranks:
+                raise ValueError(f"line {line_number}: expected a new token with rank {len(ranks)}")
+            if rank >= MAX_VOCAB_SIZE:
+                raise ValueError(f"more than {MAX_VOCAB_SIZE:,} tokens")
+            ranks[token] = rank
+    missing = [byte for byte in range(256) if bytes([byte]) not in ranks]
+    if missing:
+        raise ValueError(f"{len(missing)} of the 256 single bytes have no token (e.g. {missing[0]})")
+    return ranks
+
+
+def read_tokenizer_config(path):
+    """The CONFIG_FILE as a dict, checked: our special tokens, right after the BPE tokens, and a pattern."""
+    config = read_json(path, required_keys=("pattern", "vocab_size", "special_tokens"))
+    vocab_size, special, pattern = config["vocab_size"], config["special_tokens"], config["pattern"]
+    if not isinstance(vocab_size, int) or not len(SPECIAL_TOKENS) + 256 <= vocab_size <= MAX_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be an integer from {len(SPECIAL_TOKENS) + 256} to {MAX_VOCAB_SIZE:,} (got {vocab_size!r})")
+    bpe_vocab_size = vocab_size - len(SPECIAL_TOKENS)
+    expected = {name: bpe_vocab_size + i for i, name in enumerate(SPECIAL_TOKENS)}
+    if special != expected:
+        raise ValueError(f"special_tokens must be {expected} (got {special!r})")
+    if not isinstance(pattern, str) or not pattern or len(pattern) > 10_000:
+        raise ValueError("pattern must be a non-empty string (the regex that splits text before merging)")
+    return {"pattern": pattern, "bpe_vocab_size": bpe_vocab_size}
+
+
 def _load_tokenizer_file(path, load):
     """load(path) once the file matches its record; any damage is reported with the fix."""
     try:
@@ -263,7 +332,7 @@ def _load_tokenizer_file(path, load):
 
 
 def _read_token_bytes(path, device):
-    token_bytes = torch.load(path, map_location=device)
+    token_bytes = torch.load(path, map_location=device, weights_only=True)  # tensors only: a pickle may not run code
     if not isinstance(token_bytes, torch.Tensor) or token_bytes.ndim != 1:
         raise ValueError(f"expected a 1-D tensor of byte lengths, found {type(token_bytes).__name__}")
     return token_bytes

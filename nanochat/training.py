@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.artifacts import DamagedArtifactError
-from nanochat.checkpoint_manager import find_last_step, list_whole_steps, load_checkpoint, save_checkpoint
+from nanochat.checkpoint_manager import check_state_dict, find_last_step, list_whole_steps, load_checkpoint, save_checkpoint
 from nanochat.common import (COMPUTE_DTYPES, autocast_context, compute_init, format_duration, get_compute_dtype, get_dist_info,
                              get_wandb, print0)
 from nanochat.report import curves_dir
@@ -433,11 +433,21 @@ def resume_training_state(checkpoint_dir, resume_from_step, model, optimizers, c
     if meta.get("world_size", compute.world_size) != compute.world_size:
         raise ValueError(f"step {step} was saved by {meta['world_size']} ranks, this run has {compute.world_size}; "
                          f"resume with the same number of ranks")
-    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in model_data.items()}, strict=True)
-    for opt, state in zip(optimizers, optimizer_data["optimizers"]):
-        opt.load_state_dict(state)
-    torch.set_rng_state(optimizer_data["rng"]["cpu"])
-    if compute.device.type == "cuda" and optimizer_data["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(optimizer_data["rng"]["cuda"], compute.device)
+    model.load_state_dict(check_state_dict(model, model_data, f"step {step}'s model file"), strict=True)
+    shard = f"the optimizer shard of step {step} for rank {compute.rank}"
+    try:  # a shard that parses but holds something else: one message, not a traceback from inside torch.optim
+        if len(optimizer_data["optimizers"]) != len(optimizers):
+            raise ValueError(f"{len(optimizer_data['optimizers'])} optimizers, this run has {len(optimizers)}")
+        for opt, state in zip(optimizers, optimizer_data["optimizers"]):
+            opt.load_state_dict(state)
+        torch.set_rng_state(optimizer_data["rng"]["cpu"])
+        if compute.device.type == "cuda" and optimizer_data["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(optimizer_data["rng"]["cuda"], compute.device)
+        loader_state = optimizer_data["train_loader"]
+        if loader_state is not None and not isinstance(loader_state, dict):
+            raise ValueError(f"the loader state is a {type(loader_state).__name__}, not a dict")
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise ValueError(f"{shard} does not hold this run's optimizer state ({type(e).__name__}: {e}); "
+                         f"resume from another step or start the stage over") from None
     print0(f"resumed from step {step} of {checkpoint_dir}")
-    return step, optimizer_data["train_loader"], meta
+    return step, loader_state, meta

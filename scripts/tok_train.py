@@ -1,8 +1,9 @@
 """
-Train the tokenizer with our Rust BPE trainer on the pretraining text, then save it (tiktoken pickle +
-token_bytes) to <base dir>/tokenizer.
+Train the tokenizer with our Rust BPE trainer on the pretraining text, then save it (the merges in tiktoken's
+text format, a JSON config, token_bytes) to <base dir>/tokenizer.
 
     python -m scripts.tok_train --vocab-size 32768
+    python -m scripts.tok_train --convert-pickle DIR   # a tokenizer.pkl from an older nanochat -> today's files
 
 Default vocab 32768: at depth 20 (width 1280) the output head costs 6*1280*V FLOPs per token, ~8% of
 the step (GPT.estimate_flops) at 32768 vs ~14% at 65536 (11% vs 21% of the blocks' own matmuls), while
@@ -12,18 +13,51 @@ The trainer sees text as a stream of documents; it splits each with the regex pa
 distinct chunks, and merges pairs within chunks only (nanochat/tokenizer.py, rustbpe/src/lib.rs).
 """
 import argparse
+import os
+import pickle
 import time
 
 from nanochat.common import print0
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report
-from nanochat.tokenizer import RustBPETokenizer, get_tokenizer_dir
+from nanochat.tokenizer import LEGACY_PICKLE_FILE, RustBPETokenizer, get_tokenizer_dir
+
+
+class PlainDataUnpickler(pickle.Unpickler):
+    """Reads only what an old tokenizer.pkl holds (a dict of str, bytes and int): any class or function the
+    file names, which is how a pickle runs code, is refused instead of imported."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names {module}.{name}; a tokenizer pickle holds only plain data")
+
+
+def convert_pickle(tokenizer_dir):
+    """Rewrite an old-format tokenizer.pkl in tokenizer_dir as today's plain files (the pickle is left in place)."""
+    path = os.path.join(tokenizer_dir, LEGACY_PICKLE_FILE)
+    try:
+        with open(path, "rb") as f:
+            saved = PlainDataUnpickler(f).load()
+        pattern, ranks = saved["pattern"], saved["mergeable_ranks"]
+        if not isinstance(pattern, str) or not all(isinstance(t, bytes) and isinstance(r, int) for t, r in ranks.items()):
+            raise ValueError("expected {'pattern': str, 'mergeable_ranks': {bytes: int}}")
+    except (OSError, EOFError, KeyError, TypeError, AttributeError, ValueError, pickle.UnpicklingError) as e:
+        raise SystemExit(f"cannot convert {path}: {e}")
+    tokenizer = RustBPETokenizer.from_mergeable_ranks(pattern, ranks)
+    tokenizer.save(tokenizer_dir)
+    RustBPETokenizer.from_directory(tokenizer_dir)  # what was written loads, with its checks
+    print0(f"converted {path} ({tokenizer.get_vocab_size():,} tokens) to the plain files in {tokenizer_dir}; "
+           f"{LEGACY_PICKLE_FILE} is no longer read and can be deleted")
 
 parser = argparse.ArgumentParser(description="Train the BPE tokenizer on the pretraining shards")
 parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="train on at most this many characters")
 parser.add_argument("--doc-cap", type=int, default=10_000, help="truncate each document to this many characters")
 parser.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size including the special tokens")
+parser.add_argument("--convert-pickle", metavar="DIR", default=None,
+                    help="instead of training, convert DIR/tokenizer.pkl (the old format) to today's plain files")
 args = parser.parse_args()
+if args.convert_pickle is not None:
+    convert_pickle(args.convert_pickle)
+    raise SystemExit(0)
 if args.max_chars <= 0 or args.doc_cap <= 0:
     parser.error("--max-chars and --doc-cap must be positive")
 print0(f"max_chars: {args.max_chars:,}  doc_cap: {args.doc_cap:,}  vocab_size: {args.vocab_size:,}")

@@ -30,13 +30,13 @@ class CustomJSON(Task):
         if not os.path.exists(filepath):
             raise FileNotFoundError(f"conversation file {filepath} does not exist; pass filepath= a .jsonl file")
         self.conversations = []
-        with open(filepath, encoding="utf-8") as f:
+        with open(filepath, "rb") as f:  # bytes: a line that is not UTF-8 is named below, not a UnicodeDecodeError
             for line_number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     item = json.loads(line)
-                except json.JSONDecodeError as error:
+                except (json.JSONDecodeError, UnicodeDecodeError) as error:
                     raise ValueError(f"{filepath}:{line_number}: not valid JSON ({error})") from None
                 messages = item.get("messages") if isinstance(item, dict) else item
                 where = f"{filepath}:{line_number}"

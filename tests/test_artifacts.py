@@ -155,19 +155,19 @@ def test_no_whole_step_left_says_to_rerun_the_stage(base_dir):
         load_model("base", "cpu", "eval")
 
 
-@pytest.mark.parametrize("name", ["tokenizer.pkl", "token_bytes.pt"])
+@pytest.mark.parametrize("name", ["tokenizer.tiktoken", "tokenizer_config.json", "token_bytes.pt"])
 @pytest.mark.parametrize("kind", ["empty", "truncated", "corrupted"])
 def test_damaged_tokenizer_file_says_to_rerun_tok_train(base_dir, name, kind):
     path = str(base_dir / "tokenizer" / name)
     damage(path, kind)
     with pytest.raises(DamagedArtifactError) as error:
-        get_tokenizer() if name == "tokenizer.pkl" else get_token_bytes()
+        get_tokenizer() if name.startswith("tokenizer") else get_token_bytes()
     message = str(error.value)
     assert path in message and PROBLEMS[kind] in message and "python -m scripts.tok_train" in message
 
 
 def test_missing_tokenizer_file_says_to_train_one(base_dir):
-    for name, load in (("tokenizer.pkl", get_tokenizer), ("token_bytes.pt", get_token_bytes)):
+    for name, load in (("tokenizer_config.json", get_tokenizer), ("token_bytes.pt", get_token_bytes)):
         path = str(base_dir / "tokenizer" / name)
         os.remove(path)
         with pytest.raises(FileNotFoundError) as error:
@@ -184,19 +184,19 @@ def test_files_saved_before_records_existed_still_load_and_still_fail_clearly(ba
         del meta["files"]
         pathlib.Path(meta_path).write_text(json.dumps(meta))
         os.remove(sidecar_path(checkpoint_file(base_dir, f"optim_{step:06d}_rank0.pt")))
-    for name in ("tokenizer.pkl", "token_bytes.pt"):
+    for name in ("tokenizer.tiktoken", "tokenizer_config.json", "token_bytes.pt"):
         os.remove(sidecar_path(str(base_dir / "tokenizer" / name)))
     model, tokenizer, meta = load_model("base", "cpu", "eval")
     assert meta["step"] == 2 and tokenizer.get_vocab_size() == 512 and get_token_bytes().shape == (512,)
     assert load_checkpoint(checkpoint_dir, 2, "cpu", load_optimizer=True)[1] == {"optimizers": [], "step": 2}
     assert list_whole_steps(checkpoint_dir) == [1, 2]
-    # without a record a truncated file is caught when it fails to unpickle
+    # without a record a truncated file is caught when it fails to parse
     path = checkpoint_file(base_dir, "model_000002.pt")
     damage(path, "truncated")
     with pytest.raises(DamagedArtifactError, match=f"{path} cannot be read: its bytes do not parse.*whole: \\[1\\]"):
         load_model("base", "cpu", "eval")
-    damage(str(base_dir / "tokenizer" / "tokenizer.pkl"), "truncated")
-    with pytest.raises(DamagedArtifactError, match="tokenizer.pkl cannot be read: its bytes do not parse.*scripts.tok_train"):
+    damage(str(base_dir / "tokenizer" / "tokenizer.tiktoken"), "truncated")
+    with pytest.raises(DamagedArtifactError, match="tokenizer.tiktoken (is not valid: line|holds).*scripts.tok_train"):
         get_tokenizer()
 
 
@@ -211,10 +211,10 @@ ENTRY_POINTS = [
     ("scripts.chat_cli", ["-i", "base", "-p", "hi"], "model_000002.pt", "corrupted", "whole: [1]"),
     ("scripts.chat_eval", ["-i", "base"], "meta_000002.json", "invalid_json", "whole: [1]"),
     ("scripts.chat_web", ["-i", "base", "--port", "1"], "model_000002.pt", "empty", "whole: [1]"),
-    ("scripts.base_loss", [], "tokenizer.pkl", "empty", "scripts.tok_train"),
+    ("scripts.base_loss", [], "tokenizer_config.json", "empty", "scripts.tok_train"),
     ("scripts.base_eval", [], "model_000002.pt", "truncated", "whole: [1]"),
     ("scripts.mid_train", [], "model_000002.pt", "missing", "whole: [1]"),
-    ("scripts.chat_sft", ["--source", "base"], "tokenizer.pkl", "corrupted", "scripts.tok_train"),
+    ("scripts.chat_sft", ["--source", "base"], "tokenizer.tiktoken", "corrupted", "scripts.tok_train"),
     ("scripts.base_train", TRAIN_FLAGS + ["--num-iterations", "2", "--resume-from-step", "2"], "optim_000002_rank0.pt",
      "corrupted", "whole: [1]"),
 ]
@@ -288,3 +288,47 @@ def test_atomic_write_is_all_or_nothing_even_when_the_process_dies(tmp_path):
         f.write("héllo")
     assert (tmp_path / "new" / "notes.md").read_text(encoding="utf-8") == "héllo"
     assert [p.name for p in (tmp_path / "new").iterdir()] == ["notes.md"]
+
+
+# -----------------------------------------------------------------------------
+# a meta or model file that parses but describes nonsense: one message, before anything is allocated
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"vocab_size": 10**12}, "vocab_size must be an integer from 1 to 2,097,152"),
+    ({"n_head": 0}, "n_head must be an integer from 1 to 1,024"),
+    ({"n_layer": 10**6}, "n_layer must be an integer from 1 to 256"),
+    ({"n_layer": True}, "n_layer must be an integer"),
+    ({"sequence_len": "2048"}, "sequence_len must be an integer"),
+    ({"n_kv_head": 3}, "n_kv_head 3 must divide n_head 2"),
+    ({"n_embd": 130}, "n_embd 130 must split into n_head 2 heads of an even width"),
+    ({"x0_mixing": "yes"}, "x0_mixing must be true or false"),
+    ({"flash": 1}, "unknown key 'flash'"),
+])
+def test_an_absurd_model_config_is_refused_before_the_model_is_built(base_dir, change, message):
+    meta_path = checkpoint_file(base_dir, "meta_000002.json")
+    meta = json.loads(pathlib.Path(meta_path).read_text())
+    meta["model_config"].update(change)
+    pathlib.Path(meta_path).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"meta_000002.json does not describe a model this code can build: .*{message}"):
+        load_model("base", "cpu", "eval")
+
+
+def test_a_state_dict_of_the_wrong_shapes_is_named_tensor_by_tensor(base_dir):
+    import torch
+    path = checkpoint_file(base_dir, "model_000002.pt")
+    weights = torch.load(path, weights_only=True)
+    weights["lm_head.weight"] = torch.zeros(3, 3)
+    del weights["transformer.wte.weight"]
+    weights["extra.weight"] = torch.zeros(1)
+    torch.save(weights, path)
+    meta_path = checkpoint_file(base_dir, "meta_000002.json")
+    meta = json.loads(pathlib.Path(meta_path).read_text())
+    meta["files"]["model_000002.pt"] = file_record(path)
+    pathlib.Path(meta_path).write_text(json.dumps(meta))
+    with pytest.raises(ValueError) as error:
+        load_model("base", "cpu", "eval")
+    message = str(error.value)
+    assert "model_000002.pt does not match the model its meta describes" in message
+    assert "missing transformer.wte.weight" in message and "unexpected extra.weight" in message
+    assert "lm_head.weight is (3, 3), expected (512, 64)" in message

@@ -83,7 +83,7 @@ def test_buffer_size_does_not_change_the_result():
 
 def test_rust_encode_equals_tiktoken_encode():
     trainer = rust_train(PROSE, 1024)
-    tokenizer = RustBPETokenizer(RustBPETokenizer._build_encoding(trainer.get_pattern(), dict(trainer.get_mergeable_ranks())))
+    tokenizer = RustBPETokenizer.from_mergeable_ranks(trainer.get_pattern(), dict(trainer.get_mergeable_ranks()))
     texts = PROSE[:30] + MULTILINGUAL[:3] + ["", " ", "a", "   leading and trailing   ", "12345678 99"]
     for text in texts:
         assert tokenizer.encode(text) == trainer.encode(text)
