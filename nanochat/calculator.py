@@ -16,7 +16,8 @@ Anything outside the whitelist raises NotCalculable and the caller hands it to t
 
 Python's own arithmetic will happily try to compute `9**9**9` or `'a' * 10**10` and take the
 process down with it, so every operation whose result could be huge checks the size *before*
-computing: integers stay under MAX_INT_BITS, strings and lists under MAX_LENGTH items.
+computing: integers stay under MAX_INT_BITS, and strings and lists under MAX_LENGTH characters of printed text
+(a list of big numbers is judged by its digits, not by its number of items).
 The answer is the text `print()` would show, so a call gives the same text here as in the sandbox.
 """
 import ast
@@ -25,7 +26,7 @@ import operator
 MAX_EXPRESSION_CHARS = 2000
 MAX_NODES = 500  # bounds the work of one call; a GSM8K annotation has a few dozen
 MAX_INT_BITS = 4096  # about 1,200 decimal digits, well under Python's 4,300-digit str() limit
-MAX_LENGTH = 100_000  # characters of a string, items of a list
+MAX_LENGTH = 100_000  # characters a string or a list prints as
 
 
 class NotCalculable(Exception):
@@ -47,20 +48,31 @@ STRING_METHODS = {"count", "find", "rfind", "index", "upper", "lower", "strip", 
 LIST_METHODS = {"count", "index"}
 
 
-def _length(value):
-    """Characters the value prints as, about: a list of 10**5 references to one long string is long too."""
+def _printed_length(value, inside_container=False):
+    """
+    An upper bound on the characters print() shows for value, computed without building that text: the size a
+    result is judged by. An int counts its decimal digits (a 4096-bit int prints 1,234 of them: 49,999 copies of
+    one in a list were a 62 MB string, built while the server's event loop waited), a string in a list its repr
+    (quotes and escapes), a list the separators too.
+    """
+    if isinstance(value, bool):
+        return 5
+    if isinstance(value, int):
+        return int(value.bit_length() * 0.30103) + 2  # log10(2) digits per bit, plus the sign and the rounding
+    if isinstance(value, float):
+        return 24  # the longest repr of a double, e.g. -2.2250738585072014e-308
     if isinstance(value, str):
-        return len(value)
+        return len(repr(value)) if inside_container else len(value)
     if isinstance(value, (list, tuple)):
-        return len(value) + sum(_length(item) for item in value)  # items are never lists, so this is one level
-    return 1
+        return 2 + sum(_printed_length(item, inside_container=True) + 2 for item in value)  # items are never lists
+    return len(str(value))
 
 
 def _check_size(value):
     """Every intermediate result passes through here, so no later step can start from something huge."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
         raise CalculatorError(f"number too large (more than {MAX_INT_BITS} bits)")
-    if isinstance(value, (str, list, tuple)) and _length(value) > MAX_LENGTH:
+    if isinstance(value, (str, list, tuple)) and _printed_length(value) > MAX_LENGTH:
         raise CalculatorError(f"result too long (more than {MAX_LENGTH:,} characters)")
     return value
 
@@ -76,7 +88,7 @@ def _check_binary(op, left, right):
         if is_int(left) and is_int(right) and left.bit_length() + right.bit_length() > MAX_INT_BITS + 1:
             raise CalculatorError(f"number too large (more than {MAX_INT_BITS} bits)")
         for sequence, count in ((left, right), (right, left)):
-            if isinstance(sequence, (str, list, tuple)) and is_int(count) and _length(sequence) * count > MAX_LENGTH:
+            if isinstance(sequence, (str, list, tuple)) and is_int(count) and _printed_length(sequence) * count > MAX_LENGTH:
                 raise CalculatorError(f"result too long (more than {MAX_LENGTH:,} characters)")
     if op is ast.Mod and isinstance(left, str):
         # printf-style formatting: '%0999999999d' % 1 would build a gigabyte string
@@ -102,7 +114,7 @@ def _evaluate(node):
         if any(isinstance(item, (list, tuple)) for item in items):
             # nesting would let [[1]*99999]*99999 hold 10**10 items behind a few references
             raise NotCalculable("nested lists")
-        return items if isinstance(node, ast.List) else tuple(items)
+        return _check_size(items if isinstance(node, ast.List) else tuple(items))
     if isinstance(node, ast.BinOp) and type(node.op) in BINARY_OPERATORS:
         left, right = _evaluate(node.left), _evaluate(node.right)
         _check_binary(type(node.op), left, right)

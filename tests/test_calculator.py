@@ -8,8 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from nanochat.calculator import CalculatorError, NotCalculable, calculate
+from nanochat.calculator import MAX_INT_BITS, MAX_LENGTH, CalculatorError, NotCalculable, _printed_length, calculate
 from nanochat.engine import REFUSED_TOOL_CODE, run_tool_call
 from nanochat.execution import execute_code
 from tasks.arithmetic import Arithmetic
@@ -76,6 +78,30 @@ def test_anything_outside_the_whitelist_is_not_calculable(expression):
 def test_huge_results_are_refused_before_they_are_computed(expression):
     with pytest.raises(CalculatorError):
         calculate(expression)
+
+
+@pytest.mark.parametrize("expression", [
+    "[2**4095] * 49999", "[-2**4095] * 100", "str([2**4095] * 100)", "[2**4095, 2**4095] * 50", "['\\x00' * 1000] * 30",
+    "[1.5e300] * 9999", "[True] * 30000", "(2**4095,) * 200"])
+def test_a_result_is_judged_by_the_text_it_prints(expression):
+    """Each of these was accepted before (an int, a float or a bool counted as one character) and printed far more."""
+    with pytest.raises(CalculatorError, match="too long"):
+        calculate(expression)
+
+
+scalars = st.one_of(st.booleans(), st.integers(min_value=-2**MAX_INT_BITS, max_value=2**MAX_INT_BITS),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=50))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(scalars, st.lists(scalars, max_size=20), st.lists(scalars, max_size=20).map(tuple)))
+def test_the_printed_length_bounds_what_print_shows(value):
+    assert _printed_length(value) >= len(str(value))
+
+
+def test_results_near_the_limit_are_still_calculated():
+    assert len(calculate("[2**4095] * 70")) == 70 * (1233 + 2)  # 70 numbers of 1,233 digits, ", " between, "[]" around
+    assert len(calculate("'ab' * 50000")) == MAX_LENGTH
 
 
 def test_run_tool_call_reports_errors_like_the_sandbox():
