@@ -148,10 +148,12 @@ def run_tool_call(code, timeout=2.0, allow_weak_sandbox=True):
     if not allow_weak_sandbox and not sandbox_is_strong():
         return REFUSED_TOOL_CODE
     try:
-        ast.parse(code, mode="eval")
-        program = f"print(eval(compile({code!r}, '<tool>', 'eval')))"
-    except SyntaxError:
-        program = code
+        program = tool_program(code)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        # code that does not even parse never reaches the sandbox: the parser's own message, in microseconds.
+        # RecursionError/MemoryError: CPython's parser gives up on code nested a few thousand deep (`----...1`)
+        reason = e.msg if isinstance(e, SyntaxError) else "code nested too deeply" if not isinstance(e, ValueError) else str(e)
+        return f"Error: {type(e).__name__}: {reason}"[:MAX_TOOL_OUTPUT_CHARS]
     result = execute_code(program, timeout=timeout, maximum_memory_bytes=256 * 1024 * 1024,
                           max_output_bytes=4 * MAX_TOOL_OUTPUT_CHARS)
     if result.success:
@@ -159,6 +161,17 @@ def run_tool_call(code, timeout=2.0, allow_weak_sandbox=True):
     else:
         text = f"Error: {result.error}"
     return text[:MAX_TOOL_OUTPUT_CHARS]
+
+
+def tool_program(code):
+    """The program the sandbox runs for a tool call: an expression prints its value, statements run as they are.
+    Raises what the parser raises for code that is neither (SyntaxError, or RecursionError when nested too deep)."""
+    try:
+        ast.parse(code, mode="eval")
+        return f"print(eval(compile({code!r}, '<tool>', 'eval')))"
+    except SyntaxError:
+        ast.parse(code, mode="exec")
+        return code
 
 
 def prepare_for_inference(model, dtype="auto"):
@@ -253,7 +266,11 @@ class Engine:
 
     def tool_output_tokens(self, code):
         """Run a tool call; returns the tokens to force into the row: <|output_start|> result <|output_end|>."""
-        return self.output_tokens(run_tool_call(code, timeout=self.tool_timeout, allow_weak_sandbox=self.allow_weak_sandbox))
+        try:
+            text = run_tool_call(code, timeout=self.tool_timeout, allow_weak_sandbox=self.allow_weak_sandbox)
+        except Exception as e:  # whatever the model wrote, the reply goes on: a failed call is an error the model reads
+            text = f"Error: {type(e).__name__}"
+        return self.output_tokens(text)
 
     def output_tokens(self, text):
         return [self.output_start] + self.tokenizer.encode(text) + [self.output_end]

@@ -114,12 +114,12 @@ class ScriptedModel(nn.Module):
         return logits
 
 
-def run_scripted(tokenizer, code, answer, tool_timeout=2.0):
+def run_scripted(tokenizer, code, answer, tool_timeout=2.0, max_tokens=60):
     model = ScriptedModel(tokenizer, code, answer)
     prompt = tokenizer.encode("question", prepend="<|bos|>")
     model.prompt_len = len(prompt)
     engine = Engine(model, tokenizer, tool_timeout=tool_timeout)
-    results, masks = engine.generate_batch(prompt, max_tokens=60, temperature=0.0)
+    results, masks = engine.generate_batch(prompt, max_tokens=max_tokens, temperature=0.0)
     return results[0][len(prompt):], masks[0][len(prompt):]
 
 
@@ -141,6 +141,16 @@ def test_failing_or_slow_tool_call_gives_an_error_not_a_stall(tiny_tokenizer):
     assert time.time() - t0 < 5
     assert "Error: timed out" in tiny_tokenizer.decode(tokens)
     assert tiny_tokenizer.decode(tokens).endswith("ok")
+
+
+@pytest.mark.parametrize("code, error", [("-" * 3000 + "1", "RecursionError"), ("x" + "[0]" * 3000, "RecursionError"),
+                                         ("(" * 300 + ")" * 300, "SyntaxError: too many nested parentheses"),
+                                         ("print(1", "SyntaxError: '(' was never closed")])
+def test_a_tool_call_the_parser_gives_up_on_is_an_error_in_the_reply(tiny_tokenizer, code, error):
+    """Code nested a few thousand deep made CPython's parser raise RecursionError out of Engine.generate."""
+    tokens, _ = run_scripted(tiny_tokenizer, code, "ok", max_tokens=len(tiny_tokenizer.encode(code)) + 40)
+    text = tiny_tokenizer.decode(tokens)
+    assert f"<|output_start|>Error: {error}" in text and text.endswith("ok")
 
 
 def test_run_tool_call_expressions_and_statements():
