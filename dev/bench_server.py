@@ -157,7 +157,7 @@ def measure_upload(url, pid):
     sent, answer, t0 = 0, b"", time.perf_counter()
     with socket.create_connection((host, int(port)), timeout=300) as sock:
         try:
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n")
             while sent < args.upload_mb << 20:
                 sock.sendall(chunk)

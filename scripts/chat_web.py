@@ -17,9 +17,12 @@ owns generation, the tokenizer owns the chat format. One model replica per GPU, 
 leaves it the moment it ends). Requests beyond the slots wait in a bounded queue; when it is full the
 server answers 503 with Retry-After rather than piling up work.
 
-Clients may be hostile: request bodies over 1 MB are refused as they arrive, a request must arrive
-whole within --request-timeout seconds, connections beyond --max-connections get 503, and every
-parameter is checked before any of it reaches the model. /docs and /openapi.json only with --api-docs.
+Clients may be hostile: request bodies over 1 MB are refused as they arrive, JSON too deep or with too
+many values before it is parsed, a request must arrive whole within --request-timeout seconds, connections
+beyond --max-connections get 503, and every parameter is checked before any of it reaches the model. Web pages
+may be hostile too: a POST must carry JSON, a request from another site's page is refused unless --cors-origins
+allows it, a loopback server answers only to loopback names (DNS rebinding), and the chat page runs under a
+Content-Security-Policy. The guards live in nanochat/http_guards.py. /docs and /openapi.json only with --api-docs.
 """
 import argparse
 import asyncio
@@ -28,16 +31,16 @@ import os
 import sys
 import time
 import uuid
-from itertools import accumulate
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat.common import COMPUTE_DTYPES, autodetect_device_type, logger
 from nanochat.engine import Engine, prepare_for_inference
 from nanochat.execution import find_sandbox
+from nanochat.http_guards import (RequestError, allowed_hosts, check_json_shape, error_response, guard,
+                                  h11_with_request_deadline, is_loopback, parse_origins)
 from nanochat.scheduler import GenerationRequest, QueueFull, Scheduler
 
 # Limits on what one request may ask for: each violation is a 400 that names the limit.
@@ -50,39 +53,12 @@ MIN_MAX_TOKENS, MAX_MAX_TOKENS = 1, 4096
 MAX_STOP_SEQUENCES = 4
 MAX_BODY_BYTES = 1_000_000
 MAX_JSON_DEPTH = 16  # a chat request needs 4 (body, messages, message, content parts)
+MAX_JSON_VALUES = 20_000  # strings, and brackets and commas: MAX_MESSAGES messages of 4 text parts have ~10,000 of each
 # The sampler works in float32: a temperature below ~1e-37 divides logits into inf (NaN probabilities) and
 # a top_p below ~1e-45 rounds to 0 and drops every token; both crashed the generation (a 500). Below these
 # floors sampling is greedy in effect anyway (the top token's probability is at least 1/vocab_size > 1e-9).
 MIN_SAMPLING_TEMPERATURE = 1e-3  # a lower positive temperature samples greedily, as 0 does
 MIN_TOP_P = 1e-9  # a lower top_p (0 included, which OpenAI allows) keeps only the most likely token
-
-
-class RequestError(Exception):
-    """A bad request: becomes an OpenAI-style JSON error naming the parameter and the limit (`code`)."""
-
-    def __init__(self, message, param=None, code="invalid_request", status=400):
-        super().__init__(message)
-        self.message, self.param, self.code, self.status = message, param, code, status
-
-
-def error_response(error, headers=None):
-    body = {"error": {"message": error.message, "type": "invalid_request_error", "param": error.param, "code": error.code}}
-    return JSONResponse(body, status_code=error.status, headers=headers)
-
-
-NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
-BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
-
-
-def json_depth(raw_body):
-    """How deep arrays/objects nest in raw_body, found without parsing: json.loads recurses once per level, and
-    a body nested 5,000 deep crashed it (a 500). Linear: about 50-100 ms for the worst 1 MB body."""
-    # drop escaped backslashes, then escaped quotes: every quote left opens or closes a string. (A regex for
-    # strings with escapes is no shortcut: on 1 MB of \" it backtracks quadratically, for hours.)
-    unescaped = raw_body.replace(b"\\\\", b"").replace(b'\\"', b"")
-    outside_strings = b"".join(unescaped.split(b'"')[::2])  # brackets inside strings are text
-    brackets = outside_strings.translate(None, NOT_BRACKETS)
-    return max(accumulate(map(BRACKET_STEP.get, brackets)), default=0)
 
 
 def _number(body, name, default, low, high, integer=False):
@@ -121,8 +97,7 @@ def parse_request(raw_body, defaults):
     """Validate a chat request body (bytes) -> (messages, sampling options, stream options). Raises RequestError."""
     if len(raw_body) > MAX_BODY_BYTES:
         raise RequestError(f"request body is larger than {MAX_BODY_BYTES} bytes", None, "body_too_large", status=413)
-    if json_depth(raw_body) > MAX_JSON_DEPTH:
-        raise RequestError(f"request body nests arrays/objects more than {MAX_JSON_DEPTH} levels deep", None, "json_too_deep")
+    check_json_shape(raw_body, MAX_JSON_DEPTH, MAX_JSON_VALUES)  # before json.loads: what it costs is bounded
     try:
         body = json.loads(raw_body)
     except ValueError as e:  # bad JSON, bad UTF-8, or an integer of more than 4300 digits
@@ -218,90 +193,14 @@ def start_reply(scheduler, prompt, options):
     return generation, events
 
 
-def refuse_large_bodies(app, max_bytes):
-    """
-    ASGI wrapper: read each request's body before the app sees it, and answer 413 as soon as its
-    Content-Length or the bytes received so far exceed max_bytes, without reading the rest. Starlette's
-    request.body() reads the whole body first: a 1 GB upload took 2 GB of memory before its 413.
-    """
-    async def guarded_app(scope, receive, send):
-        if scope["type"] != "http":
-            return await app(scope, receive, send)
-        too_large = RequestError(f"request body is larger than {max_bytes} bytes", None, "body_too_large", status=413)
-        # close the connection after the 413: the rest of the body is still on its way and nobody will read it
-        refusal = error_response(too_large, headers={"Connection": "close"})
-        declared = dict(scope["headers"]).get(b"content-length")  # h11 has checked it is a number
-        if declared is not None and int(declared) > max_bytes:
-            logger.info(f"{scope['path']} 413 error=body_too_large content_length={int(declared)}")
-            return await refusal(scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # the client left (or missed --request-timeout) before its body was complete
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > max_bytes:  # chunked uploads have no Content-Length: count what arrives
-                logger.info(f"{scope['path']} 413 error=body_too_large received={size}")
-                return await refusal(scope, receive, send)
-            if not message.get("more_body", False):
-                break
-        body, replayed = b"".join(chunks), False
-
-        async def replay_receive():  # the body once, then what the client does next (a disconnect)
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await app(scope, replay_receive, send)
-    return guarded_app
+UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
 
 
-def h11_with_request_deadline(seconds):
-    """
-    uvicorn's HTTP/1.1 protocol plus a deadline per request: from connecting (or from the end of its
-    previous response) a client has `seconds` to send a whole request, headers and body, or it is
-    disconnected. uvicorn 0.54 has no such timer: timeout_keep_alive only runs between requests and any
-    byte cancels it, so an idle connection, or headers sent a byte at a time (slowloris), held a socket forever.
-    """
-    class H11WithRequestDeadline(H11Protocol):
-        deadline = None
-
-        def connection_made(self, transport):
-            super().connection_made(transport)
-            self.start_deadline()
-
-        def on_response_complete(self):
-            super().on_response_complete()
-            self.start_deadline()  # the next request on this keep-alive connection gets its own time
-
-        def connection_lost(self, exc):
-            self.deadline.cancel()
-            super().connection_lost(exc)
-
-        def start_deadline(self):
-            if self.deadline is not None:
-                self.deadline.cancel()
-            self.deadline = self.loop.call_later(seconds, self.drop_if_request_incomplete)
-
-        def drop_if_request_incomplete(self):
-            # a request fully received and being answered (a long stream, say) keeps its connection
-            request_received = self.cycle is not None and not self.cycle.more_body and not self.cycle.response_complete
-            if not request_received and not self.transport.is_closing():
-                logger.info(f"dropped a connection: no complete request within {seconds} s (--request-timeout)")
-                self.transport.close()
-
-    return H11WithRequestDeadline
-
-
-def build_app(scheduler, tokenizer, model_name, defaults, context_length, api_docs=False):
+def build_app(scheduler, tokenizer, model_name, defaults, context_length, page_html, api_docs=False):
     """HTTP -> scheduler: each handler validates and translates a request, the scheduler generates, the handler relays."""
     # the interactive docs and the schema are off unless asked for: they map every endpoint for anyone
     app = FastAPI(title="nanochat", docs_url="/docs" if api_docs else None, redoc_url="/redoc" if api_docs else None,
                   openapi_url="/openapi.json" if api_docs else None)
-    ui_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
 
     def log_request(path, status, started, **fields):
         extra = " ".join(f"{k}={v}" for k, v in fields.items())
@@ -310,8 +209,7 @@ def build_app(scheduler, tokenizer, model_name, defaults, context_length, api_do
     @app.get("/")
     async def root():
         log_request("/", 200, time.perf_counter())
-        with open(ui_path, encoding="utf-8") as f:
-            return HTMLResponse(f.read())
+        return HTMLResponse(page_html)
 
     @app.get("/health")
     async def health():
@@ -460,8 +358,7 @@ def allow_code_without_sandbox(host, allow_flag):
     Reachable only from this machine: yes, whoever chats is already here. Open to a network: only when asked
     (--allow-unsandboxed-code), since anyone who can chat could steer the model into running code on this host.
     """
-    loopback = host == "localhost" or host.startswith("127.") or host == "::1"
-    return loopback or allow_flag
+    return is_loopback(host) or allow_flag
 
 
 def sandbox_policy_line(host, allow_flag):
@@ -530,6 +427,12 @@ def main():
                         help="open connections (or requests in progress) beyond which new requests get 503 "
                              "(uvicorn's limit_concurrency)")
     parser.add_argument("--api-docs", action="store_true", help="serve /docs, /redoc and /openapi.json (off by default)")
+    parser.add_argument("--cors-origins", type=str, default=None,
+                        help="comma-separated origins (e.g. http://localhost:3000) whose web pages may call this server "
+                             "from a browser, '*' for any; requests from other sites' pages get 403 (default: none)")
+    parser.add_argument("--allowed-hosts", type=str, default=None,
+                        help="comma-separated host names the server answers to (Host header, port ignored); default: "
+                             "on a loopback --host only localhost, 127.0.0.1 and [::1] (stops DNS rebinding), else any")
     parser.add_argument("--allow-unsandboxed-code", action="store_true",
                         help="on a non-loopback --host without bubblewrap, still run the model's non-calculator tool code "
                              "(in the weak in-process sandbox, which is not a security boundary)")
@@ -549,14 +452,20 @@ def main():
     model_name = f"nanochat-{args.source}-d{config['n_layer']}"
     context_length = config["sequence_len"]  # what the model was trained on; beyond it replies degrade
     scheduler = Scheduler(engines, max_batch=args.max_batch, queue_size=args.queue_size)
-    app = build_app(scheduler, tokenizer, model_name, args, context_length, api_docs=args.api_docs)
+    with open(UI_PATH, encoding="utf-8") as f:
+        page_html = f.read()  # read once: the Content-Security-Policy allows its inline script and style by hash
+    app = build_app(scheduler, tokenizer, model_name, args, context_length, page_html, api_docs=args.api_docs)
+    hosts, origins = allowed_hosts(args.host, args.allowed_hosts), parse_origins(args.cors_origins)
+    app = guard(app, page_html, MAX_BODY_BYTES, hosts, origins)
     kernels = engines[0].decode_kernels()
     weights = (f"{next(engines[0].model.parameters()).dtype} weights" if kernels is None else
                f"exact CPU decode kernels with {kernels.weight_dtype} weights")
     logger.info(f"serving {model_name} on {len(engines)} replica(s) of up to {args.max_batch} rows, {weights}, "
                 f"at http://{args.host}:{args.port}")
     logger.info(sandbox_policy_line(args.host, args.allow_unsandboxed_code))
-    uvicorn.run(refuse_large_bodies(app, MAX_BODY_BYTES), host=args.host, port=args.port, access_log=False,
+    logger.info(f"answering Host names: {', '.join(sorted(hosts)) if hosts else 'any'}; "
+                f"pages of other origins allowed: {', '.join(sorted(origins)) or 'none'} (--allowed-hosts, --cors-origins)")
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False,
                 log_level="warning", http=h11_with_request_deadline(args.request_timeout),
                 limit_concurrency=args.max_connections)
 

@@ -1,14 +1,16 @@
 """
 The web server, started for real (uvicorn in a subprocess on 127.0.0.1) with a tiny random model:
 the official openai client (stream and not), limits and malformed requests, disconnects, the
-bounded queue, hostile clients (odd numbers, deep JSON, huge uploads, slowloris, too many connections),
-and the chat page in headless Chromium, hostile markdown included.
+bounded queue, hostile clients (odd numbers, deep or wide JSON, huge uploads, slowloris, too many connections),
+hostile web pages (cross-site POSTs, foreign origins, DNS rebinding), and the chat page in headless Chromium under
+its Content-Security-Policy, hostile markdown included.
 """
 import base64
 import dataclasses
 import fcntl
 import json
 import os
+import re
 import select
 import shutil
 import socket
@@ -46,6 +48,7 @@ def free_port():
 REQUEST_TIMEOUT = 1.5  # the server's --request-timeout here: short, so the slowloris test is quick
 MAX_CONNECTIONS = 16  # the server's --max-connections here
 MAX_BATCH = 2  # the server's --max-batch here: replies decoded together
+ALLOWED_ORIGIN = "http://allowed.example:3000"  # the server's --cors-origins here
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,8 @@ def server(tiny_tokenizer, tmp_path_factory):
     log = open(log_path, "w")
     process = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--host", "127.0.0.1", "--port", str(port),
                                 "--device-type", "cpu", "--threads", "1", "--max-batch", str(MAX_BATCH), "--queue-size", "1",
-                                "--request-timeout", str(REQUEST_TIMEOUT), "--max-connections", str(MAX_CONNECTIONS)],
+                                "--request-timeout", str(REQUEST_TIMEOUT), "--max-connections", str(MAX_CONNECTIONS),
+                                "--cors-origins", ALLOWED_ORIGIN],
                                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -316,7 +320,7 @@ NUMERIC_EDGE_CASES = [  # (field, value, expected error code); None: a well-defi
 
 
 def test_numeric_edge_cases_and_deep_json_get_a_400_or_a_well_defined_reply(server):
-    greedy = httpx.post(server["url"] + "/v1/chat/completions", content=request_with(temperature=0)).json()
+    greedy = post_raw(server, request_with(temperature=0)).json()
     greedy_text = greedy["choices"][0]["message"]["content"]
     for field, value, code in NUMERIC_EDGE_CASES:
         response = post_raw(server, request_with(**{field: value}))
@@ -337,6 +341,37 @@ def test_numeric_edge_cases_and_deep_json_get_a_400_or_a_well_defined_reply(serv
     huge_integer = b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 5000 + b"}"
     assert post_raw(server, huge_integer).json()["error"]["code"] == "invalid_json"
     assert "Traceback" not in server["log"].read_text()
+
+
+WIDE_BODIES = [b'{"messages": [' + b"[]," * 333_000 + b"[]]}", b"[" + b"{}," * 333_000 + b"{}]"]  # just under 1 MB each
+
+
+def test_json_with_too_many_values_is_refused_without_stalling_the_server(server):
+    """A 1 MB body of empty containers is a million objects for json.loads to build and the GC to walk: the old
+    server held its event loop ~0.1-0.9 s per body (every other client waited). Now the body is refused from
+    a count of its brackets and commas, and /health, asked meanwhile, answers at once."""
+    answers, latencies = [], []
+
+    def send(raw):
+        response = post_raw(server, raw)
+        answers.append((response.status_code, response.json()["error"]["code"], response.elapsed.total_seconds()))
+
+    senders = [threading.Thread(target=send, args=(WIDE_BODIES[i % 2],)) for i in range(5)]
+    with httpx.Client() as client:
+        client.get(server["url"] + "/health")  # connect first: only the event loop's own delays are measured
+        for sender in senders:
+            sender.start()
+        while any(sender.is_alive() for sender in senders):
+            started = time.perf_counter()
+            assert client.get(server["url"] + "/health").status_code == 200
+            latencies.append(time.perf_counter() - started)
+    assert [answer[:2] for answer in answers] == [(400, "json_too_many_values")] * 5, answers
+    assert max(answer[2] for answer in answers) < 2.0, answers
+    assert len(latencies) >= 3 and max(latencies) < 0.2, f"/health took up to {1000 * max(latencies):.0f} ms ({len(latencies)} asked)"
+    # a long conversation in content parts, the widest a real client sends, is well within the limit
+    parts = [{"role": role, "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+             for role in ["user", "assistant"] * 249 + ["user"]]
+    assert post_raw(server, json.dumps({"messages": parts, "max_tokens": 1}).encode()).status_code == 200
 
 
 def server_rss_mb(pid):
@@ -365,7 +400,7 @@ def upload(server, head, piece, give_up_after):
 
 
 def test_a_huge_upload_is_refused_while_it_arrives(server):
-    path = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    path = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     rss_before = server_rss_mb(server["pid"])
     # a declared 1 GB body: refused from the headers alone, before any of it is sent
     with socket.create_connection(("127.0.0.1", server["port"]), timeout=3) as sock:
@@ -402,8 +437,9 @@ def test_idle_and_slow_clients_are_dropped_after_the_request_timeout_but_a_long_
         return sock
 
     clients = {"idle": connect(), "slow headers": connect(), "slow body": connect()}
-    slow_headers = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 1000
-    clients["slow body"].sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+    slow_headers = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * 1000
+    clients["slow body"].sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: 1000\r\n\r\n{")
     started, closed_after, drip = time.time(), {}, 0
     while len(closed_after) < len(clients) and time.time() - started < REQUEST_TIMEOUT + 3:
         for name, sock in clients.items():
@@ -450,6 +486,81 @@ def test_connections_beyond_the_cap_get_503(server):
 def test_api_docs_are_off(server):
     for path in ["/docs", "/redoc", "/openapi.json"]:
         assert httpx.get(server["url"] + path).status_code == 404, path
+
+
+# ---- hostile web pages: cross-site requests, DNS rebinding, what the page may run -----------------
+
+def test_a_post_without_a_json_content_type_gets_415(server):
+    """A page on any site may POST text/plain (or a form) here without the browser asking first (no CORS preflight)."""
+    body = json.dumps({"messages": GOOD, "max_tokens": 2}).encode()
+    for path in ["/v1/chat/completions", "/chat/completions"]:
+        for content_type in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None]:
+            headers = {} if content_type is None else {"Content-Type": content_type}
+            response = httpx.post(server["url"] + path, content=body, headers=headers)
+            assert response.status_code == 415, (path, content_type, response.text)
+            assert response.json()["error"]["code"] == "unsupported_media_type" and "Content-Type" in response.json()["error"]["message"]
+        response = httpx.post(server["url"] + path, content=body, headers={"Content-Type": "Application/JSON; charset=utf-8"})
+        assert response.status_code == 200, (path, response.text)
+
+
+def test_a_foreign_origin_gets_403_and_its_own_or_an_allowed_origin_passes(server):
+    url, body = server["url"], {"messages": GOOD, "max_tokens": 2}
+    for path in ["/v1/chat/completions", "/chat/completions"]:
+        for origin in ["http://evil.example", f"http://localhost.evil.example:{server['port']}", "null",
+                       f"https://127.0.0.1:{server['port']}", "http://127.0.0.1"]:  # another scheme or port is another site
+            response = httpx.post(url + path, json=body, headers={"Origin": origin})
+            assert response.status_code == 403 and response.json()["error"]["code"] == "origin_not_allowed", (origin, response.text)
+            assert "access-control-allow-origin" not in response.headers
+        # the page's own origin (browsers send Origin with a same-origin POST) and the --cors-origins one pass
+        assert httpx.post(url + path, json=body, headers={"Origin": url}).status_code == 200
+        allowed = httpx.post(url + path, json=body, headers={"Origin": ALLOWED_ORIGIN})
+        assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    assert httpx.get(url + "/v1/models", headers={"Origin": "http://evil.example"}).status_code == 403
+    # a cross-origin POST of JSON is preflighted: answered for the allowed origin, refused for another
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type, authorization"}
+    answer = httpx.options(url + "/v1/chat/completions", headers={"Origin": ALLOWED_ORIGIN, **preflight})
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    assert "POST" in answer.headers["access-control-allow-methods"]
+    assert "content-type" in answer.headers["access-control-allow-headers"].lower()
+    assert httpx.options(url + "/v1/chat/completions", headers={"Origin": "http://evil.example", **preflight}).status_code == 403
+
+
+def test_a_foreign_host_is_refused_on_a_loopback_bind(server):
+    """DNS rebinding: evil.example resolves to 127.0.0.1, and its page's "same-origin" requests arrive with its Host."""
+    port, url = server["port"], server["url"]
+    body = {"messages": GOOD, "max_tokens": 2}
+    for host in ["evil.example", f"evil.example:{port}", f"localhost.evil.example:{port}", "127.0.0.1.nip.io", ""]:
+        for path in ["/", "/health"]:
+            response = httpx.get(url + path, headers={"Host": host})
+            assert response.status_code == 421 and response.json()["error"]["code"] == "host_not_allowed", (host, response.text)
+        origin = f"http://{host}"  # the rebound page's POST carries a matching Origin: the Host check still stops it
+        response = httpx.post(url + "/v1/chat/completions", json=body, headers={"Host": host, "Origin": origin})
+        assert response.status_code == 421, (host, response.text)
+    for host in [f"localhost:{port}", "localhost", f"127.0.0.1:{port}", f"[::1]:{port}", f"LOCALHOST:{port}"]:
+        assert httpx.get(url + "/health", headers={"Host": host}).status_code == 200, host
+        assert httpx.post(url + "/chat/completions", json=body, headers={"Host": host, "Origin": f"http://{host}"}).status_code == 200
+
+
+def test_every_response_carries_the_security_headers(server):
+    from nanochat.http_guards import inline_hashes
+    with open(os.path.join(REPO_ROOT, "nanochat", "ui.html"), encoding="utf-8") as f:
+        html = f.read()
+    url = server["url"]
+    responses = [httpx.get(url + "/"), httpx.get(url + "/health"), httpx.get(url + "/missing"), post_raw(server, b"[]"),
+                 httpx.post(url + "/v1/chat/completions", content=b"{}"), httpx.get(url + "/", headers={"Host": "evil.example"}),
+                 httpx.get(url + "/", headers={"Origin": "http://evil.example"})]
+    assert [r.status_code for r in responses] == [200, 200, 404, 400, 415, 421, 403]
+    for response in responses:
+        policy = response.headers["content-security-policy"]
+        for directive in ["default-src 'none'", "connect-src 'self'", "frame-ancestors 'none'", "base-uri 'none'",
+                          "form-action 'none'", f"script-src {inline_hashes(html, 'script')}", f"style-src {inline_hashes(html, 'style')}"]:
+            assert directive in policy, (directive, policy)
+        assert "unsafe" not in policy
+        assert response.headers["x-frame-options"] == "DENY" and response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["referrer-policy"] == "no-referrer"
+    assert inline_hashes(html, "script").count("sha256-") == 1 and inline_hashes(html, "style").count("sha256-") == 1
+    markup = re.sub(r"<script[^>]*>.*?</script>", "", html, flags=re.S)
+    assert not re.search(r"<[^>]*\s(on[a-z]+|style)\s*=", markup), "an onclick= or style= attribute would not run under the CSP"
 
 
 def test_a_client_disconnect_logs_one_line_and_no_traceback(server):
@@ -518,6 +629,10 @@ class Chromium:
         target = self.send("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
         self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True}, session=False)["sessionId"]
         self.send("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile})
+        # what the Content-Security-Policy blocks, from the first byte on (scripts added here are exempt from it)
+        self.send("Page.enable")
+        self.send("Page.addScriptToEvaluateOnNewDocument", {"source": "window.cspViolations = []; document.addEventListener("
+                  "'securitypolicyviolation', e => cspViolations.push(e.effectiveDirective + ' ' + e.blockedURI))"})
         self.send("Page.navigate", {"url": url})
 
     def evaluate(self, expression):
@@ -566,6 +681,13 @@ def test_chat_page_in_headless_chromium(server, tmp_path):
         browser.wait_for("document.querySelector('.message.assistant') && !document.querySelector('.streaming')")
         final = browser.evaluate("document.querySelector('.message.assistant .bubble').textContent")
         assert 0 < partial < len(final), "the reply should be visible while it streams"
+        # under the Content-Security-Policy the page's own inline style and script run (the chat above), and
+        # a script put in the page by other means does not
+        assert browser.evaluate("cspViolations") == []
+        assert browser.evaluate("getComputedStyle(document.body).display") == "flex", "the inline <style> was blocked"
+        assert browser.evaluate("(() => { const s = document.createElement('script'); s.textContent = 'window.__injected = 1';"
+                                " document.body.appendChild(s); return window.__injected === undefined; })()")
+        browser.wait_for("cspViolations.length === 1 && cspViolations[0].startsWith('script-src-elem inline')")
         assert browser.evaluate("document.querySelector('.message.user .bubble').textContent") == "Write a haiku about the sea"
         browser.screenshot(os.path.join(artifacts, "chat_page.png"))
 
