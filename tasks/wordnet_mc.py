@@ -5,7 +5,7 @@ and the letter-answer habit can be trained and measured without the Hugging Face
 
 The glosses are real: the WordNet 3.0 synsets embedded in the sample corpus
 (nanochat/sample_data/*.parquet, one "words (pos.): gloss" line per synset; see
-tasks/sample_corpus.py), about 35,000 of WordNet's 117,000 synsets. WordNet 3.0 is Copyright 2006
+nanochat/sample_corpus.py), about 35,000 of WordNet's 117,000 synsets. WordNet 3.0 is Copyright 2006
 by Princeton University, under the WordNet 3.0 license (BSD-like; quoted in tasks/NOTICE).
 
 Each question asks for the first word of a synset from its definition (the gloss without its
@@ -23,7 +23,7 @@ import re
 import zlib
 
 from tasks.common import Task, render_mc
-from tasks.sample_corpus import SAMPLE_FILES, document_source, sample_documents
+from nanochat.sample_corpus import SAMPLE_FILES, document_source, sample_documents
 
 SYNSET_LINE_RE = re.compile(r"^(.+?) \((n|v|adj|adv)\.\): (.+)$")
 NON_WORD_RE = re.compile(r"\W+")

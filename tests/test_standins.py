@@ -8,7 +8,7 @@ import pytest
 
 from tasks.arithmetic import Arithmetic
 from tasks.chatterbot import ChatterbotConversations
-from tasks.sample_corpus import document_source, sample_documents
+from nanochat.sample_corpus import document_source, sample_documents
 from tasks.wikiqa import WikipediaQA, sentences, summary_subject
 from tasks.wordnet_mc import WordNetMC
 

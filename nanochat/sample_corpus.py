@@ -1,6 +1,7 @@
 """
 Read the embedded sample corpus (nanochat/sample_data/{train,val}.parquet) and tell its four
-sources apart, for the stand-in tasks built on it (tasks/wikiqa.py, tasks/wordnet_mc.py).
+sources apart, for the offline stand-in tasks built on it (tasks/wikiqa.py, tasks/wordnet_mc.py).
+Pretraining reads the same files as shards (nanochat/dataset.py); this is the per-document view.
 
 dev/build_sample_corpus.py lays the documents out so that each source has its own shape:
   bible      "Genesis 1\n\nIn the beginning..."            book and chapter, blank line, verses
@@ -13,7 +14,8 @@ import functools
 import os
 import re
 
-SAMPLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "sample_data")
+from nanochat.dataset import SAMPLE_DIR
+
 SAMPLE_FILES = ("train", "val")
 
 BIBLE_CHAPTER_RE = re.compile(r"^(?:[123] )?[A-Z][A-Za-z ]+ \d+\n\n")
