@@ -1,8 +1,8 @@
 """
 Decode speed of the engine: tokens/s at batch 1 and 8, with the KV cache (Engine.generate) and
 without it (GPT.generate-style full recompute of the whole sequence every step), plus the ratio;
-the same through the server's continuous-batching scheduler (rows at their own positions; on CPU in
-float32 both run the exact Rust decode kernels); for each weight dtype asked for, against the memory-bandwidth limit
+the same through the server's continuous batching (nanochat/batching.py: rows at their own positions; on a CPU
+in float32 both run the CPU decoder's Rust kernels); for each weight dtype asked for, against the memory-bandwidth limit
 (measured read bandwidth / bytes of weights read per token).
 
 A random-init model is fine: decode speed does not depend on the weights. Sampling is greedy
@@ -21,7 +21,7 @@ import torch
 
 from nanochat.engine import Engine, prepare_for_inference
 from nanochat.gpt import GPT, model_config_from_depth
-from nanochat.scheduler import GenerationRequest, Scheduler
+from nanochat.batching import GenerationRequest, Batcher
 
 parser = argparse.ArgumentParser(description="KV-cache decode benchmark")
 parser.add_argument("--depth", type=int, default=4, help="model depth (the single size dial)")
@@ -56,7 +56,7 @@ class SpecialTokensOnly:
     def get_special_tokens(self):
         return set(self.ids)
 
-    def decode(self, ids):  # the scheduler turns tokens into text as it goes; any text will do here
+    def decode(self, ids):  # the batcher turns tokens into text as it goes; any text will do here
         return "x" * len(ids)
 
 
@@ -107,7 +107,7 @@ def time_engine(engine, batch_size):
     return batch_size * steps / best
 
 
-def time_scheduler(scheduler, batch_size):
+def time_batcher(batcher, batch_size):
     """batch_size requests submitted together: each its own row (own prefill, own slot), as the web server runs them."""
     best = float("inf")
     for _ in range(args.repeats + 1):
@@ -116,7 +116,7 @@ def time_scheduler(scheduler, batch_size):
                                       emit=lambda *event: event[0] == "end" and done.release()) for _ in range(batch_size)]
         t0 = time.perf_counter()
         for request in requests:
-            scheduler.submit(request)
+            batcher.submit(request)
         for _ in requests:
             done.acquire()
         best = min(best, time.perf_counter() - t0)
@@ -126,7 +126,7 @@ def time_scheduler(scheduler, batch_size):
 @torch.inference_mode()
 def time_naive(engine, batch_size):
     # the no-cache baseline: recompute the whole sequence for every new token (what GPT.generate does)
-    autocast = engine._autocast(device)
+    autocast = engine.autocast
     best = float("inf")
     for _ in range(args.repeats + 1):
         ids = torch.tensor([prompt] * batch_size, dtype=torch.long, device=device)
@@ -145,24 +145,23 @@ def time_naive(engine, batch_size):
 
 for dtype_name in args.dtypes.split(","):
     # the inference copy the chat server makes: bf16 weights, or (CPU without AMX) fp32 with bf16 decode kernels
-    typed_model = prepare_for_inference(copy.deepcopy(model), dtype_name)
+    typed_model, cpu_weight_dtype = prepare_for_inference(copy.deepcopy(model), dtype_name)
     element_bytes = torch.finfo(getattr(torch, dtype_name)).bits // 8
     weight_bytes = sum(p.numel() * element_bytes for p in typed_model.parameters()
                        if p is not typed_model.transformer.wte.weight)  # the embedding is a lookup: one row per token
     limit = bandwidth * 1e9 / weight_bytes
-    engine = Engine(typed_model, SpecialTokensOnly(args.vocab_size))
-    path = "torch" if engine.decode_kernels() is None else f"exact CPU kernels, {engine.decode_kernels().weight_dtype} panels"
-    print(f"{dtype_name} ({path}): {weight_bytes / 1e6:.0f} MB of weights read per decode step: "
+    engine = Engine(typed_model, SpecialTokensOnly(args.vocab_size), cpu_weight_dtype=cpu_weight_dtype)
+    print(f"{dtype_name} ({engine.describe()}): {weight_bytes / 1e6:.0f} MB of weights read per decode step: "
           f"bandwidth limit {limit:.0f} tok/s at batch 1")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    scheduler = Scheduler([engine], max_batch=max(batch_sizes), queue_size=max(batch_sizes))
+    batcher = Batcher([engine], max_batch=max(batch_sizes), queue_size=max(batch_sizes))
     for batch_size in batch_sizes:
         cached = time_engine(engine, batch_size)
         line = f"  batch {batch_size}: KV cache {cached:8.1f} tok/s"
         if not args.skip_naive:
             naive = time_naive(engine, batch_size)
             line += f" | no cache {naive:8.1f} tok/s | ratio {cached / naive:5.1f}x"
-        line += f" | scheduler {time_scheduler(scheduler, batch_size):8.1f} tok/s"
+        line += f" | batching {time_batcher(batcher, batch_size):8.1f} tok/s"
         if batch_size == 1:
             line += f" | {weight_bytes * cached / 1e9:.1f} GB/s of weight reads, {cached / limit:.0%} of the limit"
         print(line, flush=True)

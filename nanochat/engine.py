@@ -1,18 +1,24 @@
 """
-Fast inference: a preallocated KV cache, batched sampling, and tool use.
+Inference: a KV cache of slots, one decode step for many rows, sampling, and tool use.
 
-The engine prefills the prompt once (batch 1), copies that cache into `num_samples` rows, then
-decodes one token per step for all rows together. When a row writes
-<|python_start|> code <|python_end|>, the engine runs the code in the sandbox (nanochat/execution.py)
-and forces <|output_start|> result <|output_end|> into that row; forced tokens have mask 0.
-Calculator calls (arithmetic, string counting) skip the sandbox: nanochat/calculator.py evaluates them in-process.
+A KV cache keeps every layer's keys and values of the tokens seen so far, so each new token costs one
+small forward pass instead of re-running the whole sequence. Ours holds a number of slots, one sequence
+each with its own length: Engine.generate fills one slot per sample of a prompt (RL, evals, the CLI),
+the chat server (nanochat/batching.py) one per request in flight. Both drive the same three calls:
 
-Everything the model sees per step is one token per row, so the work per token is one small
-forward pass; the Python around it is kept to a handful of operations per step.
+    prefill   a prompt into a slot (its keys and values), -> the logits of its next token
+    step      one token for each of some rows, each at its own slot's length, -> their next logits
+    advance   each row takes its next token: forced tool output first, else a sample with its own settings;
+              a row that just closed <|python_start|> code <|python_end|> hands its tool call back
 
-Engine.generate serves one prompt (its rows share it: RL, evals, the CLI). Serving many users at once,
-each row with its own prompt, position and settings, is nanochat/scheduler.py; both use the row state
-machine here (handle_token, tool_output_tokens), so a reply ends and a tool call runs the same way.
+When a row writes a tool call, the caller runs it (inline in generate, on a thread pool in the server)
+and the engine forces <|output_start|> result <|output_end|> into that row; forced tokens have mask 0.
+Calculator calls (arithmetic, string counting) skip the sandbox: nanochat/calculator.py evaluates them
+in-process; anything else runs in nanochat/execution.py's sandbox.
+
+The steps run through GPT.forward with the cache, or on a CPU through nanochat/cpu_decode.py when its
+Rust extension is built: the whole step in one call, ~4x faster at depth 4, with every row's bits
+independent of its batch-mates. The engine picks it; the model knows nothing of it.
 """
 import ast
 import codecs
@@ -24,84 +30,113 @@ import torch.nn.functional as F
 
 from nanochat.calculator import NotCalculable, calculate
 from nanochat.common import cpu_has_fast_bf16, get_compute_dtype
-from nanochat.exact_decode import ExactDecode, usable
 from nanochat.execution import execute_code, sandbox_is_strong
+
+try:  # a speed layer, optional: without it (or without its Rust extension) steps run through GPT.forward
+    from nanochat import cpu_decode
+except ImportError:
+    cpu_decode = None
 
 CACHE_CHUNK = 1024  # the cache grows in steps of this many positions (rarely: the first size is prompt + max_tokens)
 MAX_TOOL_OUTPUT_CHARS = 200  # what a tool call can force into the context; a runaway print must not flood it
+# On a CPU with the Rust decoder, a prompt this short is prefilled as one decode step whose rows are its tokens
+# (causal by construction: every row's key is written before any row attends). Longer ones go through
+# GPT.forward, whose attention cost grows as T^2 less steeply. Depth 4, as one step vs the model:
+# 64 tokens 13.1 vs 15.5 ms, 128: 23.3 vs 23.9, 192: 35.7 vs 31.7
+PREFILL_AS_STEP_MAX = 128
 
 
 class KVCache:
     """
-    Keys and values for every layer in one preallocated tensor [n_layer, 2, B, n_kv_head, capacity, head_dim].
-    Allocated on the first insert, in the dtype and device of the keys (= the compute dtype under autocast).
-    The forward pass calls insert_kv once per layer; the position advances after the last layer.
+    Keys and values of every layer for num_slots sequences: one tensor [n_layer, 2, slots, n_kv_head, capacity,
+    head_dim] and a length per slot. A step feeds some rows: begin_step names each row's slot (and where it
+    starts, by default at the slot's length); GPT.forward reads start_positions() for its rotary angles and calls
+    attend() once per layer; end_step moves each slot's length past what the step wrote.
     """
 
-    def __init__(self, batch_size, num_heads, head_dim, num_layers, seq_len):
-        self.batch_size = batch_size
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.num_layers = num_layers
-        self.capacity = seq_len
-        self.cache = None
-        self.pos = 0
-        self.decode_tables = None  # set by GPT.decode_step: its derived weights, checked once per cache
-        self.kernels = None  # set by Engine on CPU float32: the exact decode kernels (nanochat/exact_decode.py)
+    def __init__(self, num_slots, num_layers, num_kv_heads, head_dim):
+        self.num_slots, self.num_layers, self.num_kv_heads, self.head_dim = num_slots, num_layers, num_kv_heads, head_dim
+        self.cache, self.capacity = None, 0
+        self.lengths = [0] * num_slots
+        self.step_slots, self.step_starts, self.padded_rows = [], [], 0
 
-    def reset(self):
-        self.pos = 0
-        self.decode_tables = None
+    def reserve(self, positions, dtype, device):
+        """Room for `positions` per slot, in dtype on device, keeping what is stored (it grows by CACHE_CHUNK)."""
+        if self.cache is not None and positions <= self.capacity:
+            return
+        capacity = -(-positions // CACHE_CHUNK) * CACHE_CHUNK
+        grown = torch.zeros(self.num_layers, 2, self.num_slots, self.num_kv_heads, capacity, self.head_dim, dtype=dtype, device=device)
+        if self.cache is not None:
+            grown[..., :self.capacity, :] = self.cache
+        self.cache, self.capacity = grown, capacity
 
-    def get_pos(self):
-        return self.pos
+    def begin_step(self, slots, starts=None, padded_rows=None):
+        """The rows of the next forward pass: row r writes into slots[r] from position starts[r] (default: the slot's
+        length). padded_rows: the pass carries that many rows in all, the extra ones padding whose output is unused."""
+        self.step_slots = list(slots)
+        self.step_starts = [self.lengths[slot] for slot in slots] if starts is None else list(starts)
+        self.padded_rows = max(padded_rows or 0, len(self.step_slots))
 
-    def _allocate(self, capacity, like):
-        shape = (self.num_layers, 2, self.batch_size, self.num_heads, capacity, self.head_dim)
-        new_cache = torch.empty(shape, dtype=like.dtype, device=like.device)
-        if self.cache is not None and self.pos > 0:
-            new_cache[:, :, :, :, :self.pos] = self.cache[:, :, :, :, :self.pos]
-        self.cache = new_cache
-        self.capacity = capacity
+    def start_positions(self):
+        """Where each row's tokens start: an int when every row starts at the same position, else a tensor [rows]."""
+        starts = self.step_starts + [0] * (self.padded_rows - len(self.step_starts))  # padding sits at 0: a valid angle
+        if len(set(starts)) == 1:
+            return starts[0]
+        return torch.tensor(starts, device=self.cache.device)
 
-    def _make_room(self, end, like):
-        """Room for positions [0, end), in like's dtype and device when the cache is first made."""
-        if self.cache is None or end > self.capacity:
-            self._allocate(max(self.capacity, (end + CACHE_CHUNK - 1) // CACHE_CHUNK * CACHE_CHUNK), like)
+    def attend(self, layer_idx, q, k, v):
+        """
+        Store this step's keys and values at each row's positions, then attend: q [B, H, T, D], k and v [B, Hkv, T, D]
+        (B may include padding rows) -> [B, H, T, D], each row over its slot's positions up to its own tokens.
+        """
+        rows, T = len(self.step_slots), q.size(2)
+        self.reserve(max(self.step_starts) + T, k.dtype, k.device)
+        keys, values = self.cache[layer_idx, 0], self.cache[layer_idx, 1]
+        first, start = self.step_slots[0], self.step_starts[0]
+        if self.step_slots == list(range(first, first + rows)) and self.step_starts == [start] * rows:
+            # every row at the same position in consecutive slots (Engine.generate): one write, one attention
+            keys[first:first + rows, :, start:start + T] = k[:rows]
+            values[first:first + rows, :, start:start + T] = v[:rows]
+            y = causal_attention(q[:rows], keys[first:first + rows, :, :start + T], values[first:first + rows, :, :start + T], start)
+            outputs = [y]
+        else:
+            # rows at their own positions (the server): each writes and attends alone, over exactly its own keys,
+            # so its result does not depend on which other rows share the step
+            outputs = []
+            for row, (slot, start) in enumerate(zip(self.step_slots, self.step_starts)):
+                keys[slot, :, start:start + T] = k[row]
+                values[slot, :, start:start + T] = v[row]
+                outputs.append(causal_attention(q[row:row + 1], keys[slot:slot + 1, :, :start + T],
+                                                values[slot:slot + 1, :, :start + T], start))
+        if q.size(0) > rows:
+            outputs.append(q.new_zeros((q.size(0) - rows,) + q.shape[1:]))
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
-    def insert_kv(self, layer_idx, k, v):
-        # k, v: [B, H, T_new, D]; returns views of all cached keys/values [B, H, pos + T_new, D]
-        t_new = k.size(2)
-        end = self.pos + t_new
-        self._make_room(end, k)
-        layer_cache = self.cache[layer_idx]
-        layer_cache[0, :, :, self.pos:end] = k
-        layer_cache[1, :, :, self.pos:end] = v
-        keys, values = layer_cache[0, :, :, :end], layer_cache[1, :, :, :end]
-        if layer_idx == self.num_layers - 1:
-            self.pos = end
-        return keys, values
+    def end_step(self, tokens_per_row=1):
+        for slot, start in zip(self.step_slots, self.step_starts):
+            self.lengths[slot] = max(self.lengths[slot], start + tokens_per_row)
 
-    def kernel_rows(self, like):
-        """With kernels: (cache, slots, positions) of a decode step, every row at self.pos. The position advances
-        now: GPT.decode_step runs the whole step, every layer, in the one call these feed."""
-        self._make_room(self.pos + 1, like)
-        rows = (self.cache, list(range(self.batch_size)), [self.pos] * self.batch_size)
-        self.pos += 1
-        return rows
+    def copy_slot(self, source, targets):
+        """Give each target slot the source slot's keys, values and length (a prompt prefilled once, sampled many times)."""
+        length = self.lengths[source]
+        for target in targets:
+            self.cache[:, :, target, :, :length] = self.cache[:, :, source, :, :length]
+            self.lengths[target] = length
 
-    def prefill(self, other):
-        """Copy another cache (usually batch 1, after the prompt) into every row of this one."""
-        assert other.cache is not None, "prefill from an empty cache"
-        assert self.num_layers == other.num_layers and self.num_heads == other.num_heads
-        assert other.batch_size in (1, self.batch_size)
-        needed = max(self.capacity, other.pos)
-        if self.cache is None or self.capacity < needed or self.cache.dtype != other.cache.dtype:
-            self.cache = None
-            self.pos = 0
-            self._allocate(needed, other.cache)
-        self.cache[:, :, :, :, :other.pos] = other.cache[:, :, :, :, :other.pos]  # broadcasts batch 1 to B
-        self.pos = other.pos
+    def bytes_per_position(self):
+        return 0 if self.cache is None else self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.cache.element_size()
+
+
+def causal_attention(q, k, v, start):
+    """q [B, H, T, D] at positions start .. start+T-1 over k, v [B, Hkv, start+T, D]: all of the past, causal within T."""
+    gqa = q.size(1) != k.size(1)  # GQA: SDPA shares each kv head among n_head / n_kv_head query heads
+    T = q.size(2)
+    if T == 1:  # one new token sees everything before it
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if start == 0:  # a prompt into an empty slot
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
@@ -176,92 +211,174 @@ def tool_program(code):
 
 def prepare_for_inference(model, dtype="auto"):
     """
-    Keep the weights in the inference dtype once: decode reads every weight for every token, so bf16 weights
-    halve the bytes per token (autocast would instead re-cast the fp32 weights at every step).
-    dtype "auto" decides as training does (common.get_compute_dtype): bf16 on CUDA and on CPUs with AMX,
-    fp32 elsewhere (without AMX, bf16 matmuls are emulated: slower than fp32, not faster).
-    On a CPU without AMX, an explicit "bfloat16" keeps the model in fp32 and gives only the decode kernels a bf16
-    copy (model.decode_weight_dtype, read by Engine): fp32 activations, half the weight bytes, no emulated matmuls.
+    -> (the model in its inference dtype, in eval mode; the dtype of the CPU decoder's own copy of the weights).
+    Decode reads every weight for every token, so bf16 weights halve the bytes per token (autocast would instead
+    re-cast the fp32 weights at every step). dtype "auto" decides as training does (common.get_compute_dtype):
+    bf16 on CUDA and on CPUs with AMX, fp32 elsewhere (without AMX, bf16 matmuls are emulated: slower, not faster).
+    On a CPU without AMX an explicit "bfloat16" keeps the model in fp32 and gives only the CPU decoder a bf16
+    copy: fp32 activations, half the weight bytes, no emulated matmuls.
     """
     device = model.get_device()
+    cpu_weight_dtype = torch.float32
     if get_compute_dtype(device, dtype) == torch.bfloat16:
-        if device.type == "cpu" and not cpu_has_fast_bf16() and usable(device, next(model.parameters()).dtype):
-            model.decode_weight_dtype = torch.bfloat16
+        decodable = cpu_decode is not None and cpu_decode.usable(device, next(model.parameters()).dtype)
+        if device.type == "cpu" and not cpu_has_fast_bf16() and decodable:
+            cpu_weight_dtype = torch.bfloat16
         else:
             model = model.to(torch.bfloat16)
-    return model.eval()
+    return model.eval(), cpu_weight_dtype
 
 
-class RowState:
-    """Per-sample bookkeeping during decode: its tokens, tokens to force next, tool-call parsing."""
+class Row:
+    """
+    One sequence being decoded in a slot of a KVCache: its tokens so far, the tokens the engine must force into it
+    next (tool output), its tool-call parsing state, and how it samples (rows that share a generator and settings
+    are sampled in one call: the samples of one prompt in Engine.generate).
+    """
 
-    def __init__(self, tokens):
-        self.tokens = list(tokens)
+    def __init__(self, slot, tokens, rng, temperature=1.0, top_k=None, top_p=None):
+        self.slot, self.tokens = slot, list(tokens)
         self.forced_tokens = deque()
-        self.in_python_block = False
-        self.python_tokens = []
+        self.in_python_block, self.python_tokens = False, []
         self.completed = False
+        self.rng, self.temperature, self.top_k, self.top_p = rng, temperature, top_k or None, top_p
+        self.greedy = temperature == 0.0 or top_k == 1
+
+    def sampling(self):
+        return (id(self.rng), self.temperature, self.top_k, self.top_p)
 
 
 class Engine:
 
-    def __init__(self, model, tokenizer, tool_timeout=2.0, run_tools=True, allow_weak_sandbox=True):
+    def __init__(self, model, tokenizer, tool_timeout=2.0, run_tools=True, allow_weak_sandbox=True, cpu_weight_dtype=torch.float32,
+                 decoder="auto"):
+        """decoder: "auto" decodes with the CPU decoder where it runs, "torch" always with GPT.forward."""
         self.model = model
         self.tokenizer = tokenizer
         self.tool_timeout = tool_timeout
         self.run_tools = run_tools  # False: tool calls are generated but not run (nothing is forced in)
         self.allow_weak_sandbox = allow_weak_sandbox  # False: without bubblewrap, only calculator calls run
-        self.exact = None  # nanochat/exact_decode.py's kernels, made on first use (decode_kernels)
         special = tokenizer.encode_special
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
         self.assistant_end, self.bos = special("<|assistant_end|>"), tokenizer.get_bos_token_id()
+        weights = next(model.parameters())
+        self.device = weights.device
+        # the CPU speed layer when it runs here (CPU, float32 weights, extension built), else GPT.forward
+        self.cpu_decoder = None
+        if decoder not in ("auto", "torch"):
+            raise ValueError(f"decoder must be 'auto' or 'torch' (got {decoder!r})")
+        if decoder == "auto" and cpu_decode is not None and cpu_decode.usable(weights.device, weights.dtype):
+            self.cpu_decoder = cpu_decode.CPUDecoder(model, cpu_weight_dtype)
+        # fp32 weights on a GPU compute in bf16 (the cache then holds bf16 too, half the memory traffic)
+        self.autocast = contextlib.nullcontext()
+        self.cache_dtype = weights.dtype
+        if weights.device.type == "cuda" and weights.dtype == torch.float32:
+            self.autocast, self.cache_dtype = torch.autocast(device_type="cuda", dtype=torch.bfloat16), torch.bfloat16
 
-    def _autocast(self, device):
-        # fp32 weights on a GPU: compute in bf16 (the cache then holds bf16 too, half the memory traffic)
-        if device.type == "cuda" and self.model.get_device().type == "cuda":
-            weight = next(self.model.parameters(), None)
-            if weight is not None and weight.dtype == torch.float32:
-                return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def describe(self):
+        """How this engine decodes, for logs and /stats."""
+        if self.cpu_decoder is not None:
+            return f"the CPU decoder (Rust, batch-invariant) with {str(self.cpu_decoder.weight_dtype).removeprefix('torch.')} weights"
+        return f"GPT.forward with {str(next(self.model.parameters()).dtype).removeprefix('torch.')} weights on {self.device.type}"
 
-    def _new_cache(self, batch_size, seq_len):
+    def new_cache(self, num_slots, positions):
         config = self.model.config
-        cache = KVCache(batch_size=batch_size, num_heads=config.n_kv_head, head_dim=config.n_embd // config.n_head,
-                        num_layers=config.n_layer, seq_len=seq_len)
-        cache.kernels = self.decode_kernels()  # decode steps run on them when set: ~4x torch's speed on CPU here
+        cache = KVCache(num_slots, config.n_layer, config.n_kv_head, config.n_embd // config.n_head)
+        cache.reserve(positions, self.cache_dtype, self.device)
         return cache
 
-    def decode_kernels(self):
-        """The exact CPU decode kernels (nanochat/exact_decode.py) for this model, or None where they do not run."""
-        weights = next(self.model.parameters())
-        if not usable(weights.device, weights.dtype):
-            return None
-        if self.exact is None:  # one per engine: the packed weights outlive each reply's cache
-            self.exact = ExactDecode(getattr(self.model, "decode_weight_dtype", torch.float32))
-        return self.exact
+    def max_new_tokens(self, prompt_len, max_tokens=None):
+        """What a reply may add to a prompt: max_tokens (default: all the room), never past the rotary table."""
+        rotary_limit = self.model.cos.size(1)
+        if max_tokens is None:
+            max_tokens = rotary_limit - prompt_len
+        return min(max_tokens, rotary_limit - prompt_len)
+
+    @torch.inference_mode()
+    def prefill(self, tokens, cache, slot):
+        """The prompt `tokens` into `slot` of the cache (which must have room): -> fp32 logits [1, V] of its next token."""
+        cache.reserve(len(tokens) + 1, self.cache_dtype, self.device)
+        if self.cpu_decoder is not None and len(tokens) <= PREFILL_AS_STEP_MAX:
+            cache.begin_step([slot] * len(tokens), range(len(tokens)))
+            logits = self.cpu_decoder.step(tokens, cache.cache, cache.step_slots, cache.step_starts)[-1:]
+            cache.end_step()
+            return logits
+        cache.begin_step([slot], [0])
+        with self.autocast:
+            logits = self.model(torch.tensor([tokens], dtype=torch.long, device=self.device), kv_cache=cache)[:, -1, :]
+        cache.end_step(len(tokens))
+        return logits
+
+    @torch.inference_mode()
+    def step(self, cache, rows, row_multiple=1):
+        """
+        One token for each row (its last one), each at its slot's length: -> fp32 logits [len(rows), V].
+        row_multiple: GPT.forward sees a batch padded to a multiple of this many rows. MKL's sgemm computes a row
+        the same way for every M that is a multiple of 4, but M = 1..3 take another kernel and M = 5..7 split
+        rows unevenly between threads, so the server pads (4) where it needs a row's bits independent of its
+        batch; the CPU decoder needs no padding, its arithmetic per row is fixed.
+        """
+        tokens = [row.tokens[-1] for row in rows]
+        slots = [row.slot for row in rows]
+        if self.cpu_decoder is not None:
+            cache.begin_step(slots)
+            logits = self.cpu_decoder.step(tokens, cache.cache, cache.step_slots, cache.step_starts)
+        else:
+            padded = -(-len(rows) // row_multiple) * row_multiple
+            cache.begin_step(slots, padded_rows=padded)
+            ids = torch.tensor(tokens + [0] * (padded - len(rows)), dtype=torch.long, device=self.device).unsqueeze(1)
+            with self.autocast:
+                logits = self.model(ids, kv_cache=cache)[:len(rows), -1, :]
+        cache.end_step()
+        return logits
+
+    def advance(self, rows, logits):
+        """
+        Give each row its next token, from its logits (a row of `logits` per row): a forced token first (mask 0),
+        else its sample (mask 1). -> (tokens, masks, tool calls: [(row, code)] of rows that just closed one).
+        """
+        greedy = logits.argmax(-1).tolist()  # one call for every greedy row: argmax is per row anyway
+        tokens, masks = [None] * len(rows), [1] * len(rows)
+        groups = {}
+        for i, row in enumerate(rows):
+            if row.forced_tokens:
+                tokens[i], masks[i] = row.forced_tokens.popleft(), 0
+            elif row.greedy:
+                tokens[i] = greedy[i]
+            else:
+                groups.setdefault(row.sampling(), []).append(i)
+        for indices in groups.values():
+            first = rows[indices[0]]
+            sampled = sample_next_token(logits[indices], first.rng, first.temperature, first.top_k, first.top_p)
+            for i, token in zip(indices, sampled[:, 0].tolist()):
+                tokens[i] = token
+        calls = []
+        for row, token in zip(rows, tokens):
+            row.tokens.append(token)
+            if not row.completed:
+                code = self.handle_token(row, token)
+                if code is not None:
+                    calls.append((row, code))
+        return tokens, masks, calls
 
     def is_reply_end(self, token):
         """The one end-of-reply check: the assistant closed its turn, or began a new document."""
         return token == self.assistant_end or token == self.bos
 
-    def handle_token(self, state, token):
-        """
-        Advance one row's state machine after it received `token`. Returns the code of a tool call that
-        this token closed (the caller runs it: inline here in generate, off the decode loop in the scheduler).
-        """
+    def handle_token(self, row, token):
+        """Advance one row's state machine after it received `token`; returns the code of a tool call it closed."""
         if self.is_reply_end(token):
-            state.completed = True
+            row.completed = True
         if token == self.python_start:
-            state.in_python_block = True
-            state.python_tokens = []
-        elif token == self.python_end and state.in_python_block:
-            state.in_python_block = False
-            code = self.tokenizer.decode(state.python_tokens) if state.python_tokens and self.run_tools else None
-            state.python_tokens = []
+            row.in_python_block, row.python_tokens = True, []
+        elif token == self.python_end and row.in_python_block:
+            row.in_python_block = False
+            code = self.tokenizer.decode(row.python_tokens) if row.python_tokens and self.run_tools else None
+            row.python_tokens = []
             return code
-        elif state.in_python_block:
-            state.python_tokens.append(token)
+        elif row.in_python_block:
+            row.python_tokens.append(token)
         return None
 
     def tool_output_tokens(self, code):
@@ -275,77 +392,31 @@ class Engine:
     def output_tokens(self, text):
         return [self.output_start] + self.tokenizer.encode(text) + [self.output_end]
 
-    def max_new_tokens(self, prompt_len, max_tokens=None):
-        """What a reply may add to a prompt: max_tokens (default: all the room), never past the rotary table."""
-        rotary_limit = self.model.cos.size(1) if hasattr(self.model, "cos") else None
-        if max_tokens is None:
-            max_tokens = (rotary_limit or prompt_len + 1024) - prompt_len
-        if rotary_limit is not None:
-            max_tokens = min(max_tokens, rotary_limit - prompt_len)
-        return max_tokens
-
-    def prefill(self, tokens):
-        """The prompt through the model at batch 1: (fp32 logits of the next token [1, V], its KVCache)."""
-        device = self.model.get_device()
-        prompt_cache = self._new_cache(1, len(tokens))
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        with self._autocast(device):
-            logits = self.model.forward(ids, kv_cache=prompt_cache)[:, -1, :]
-        return logits, prompt_cache
-
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42, top_p=None):
         """
-        Stream samples for the prompt `tokens` (a list of ids). Yields (token_column, token_masks) each step:
-        one token per row, mask 1 if sampled and 0 if forced (tool output). Stops when every row has
-        finished (<|assistant_end|> or <|bos|>) or after max_tokens steps.
+        Stream num_samples samples of the prompt `tokens` (a list of ids). Yields (token_column, token_masks) each step:
+        one token per row, mask 1 if sampled and 0 if forced (tool output). Stops when every row has finished
+        (<|assistant_end|> or <|bos|>) or after max_tokens steps. Tool calls run inline, before the next step.
         """
         if not isinstance(tokens, list) or not tokens or not isinstance(tokens[0], int):
             raise ValueError("tokens must be a non-empty list of token ids")
-        device = self.model.get_device()
-        rng = torch.Generator(device=device)
-        rng.manual_seed(seed)
-        top_k = top_k or None
         max_tokens = self.max_new_tokens(len(tokens), max_tokens)
         if max_tokens <= 0:
             return
-        autocast = self._autocast(device)
-
-        # 1) prefill the prompt once, at batch 1
-        logits, prompt_cache = self.prefill(tokens)
-        logits = logits.expand(num_samples, -1)
-
-        # 2) one cache row per sample, sized for the whole generation so it never grows mid-stream
-        decode_cache = self._new_cache(num_samples, len(tokens) + max_tokens)
-        decode_cache.prefill(prompt_cache)
-        del prompt_cache
-
-        rows = [RowState(tokens) for _ in range(num_samples)]
+        cache = self.new_cache(num_samples, len(tokens) + max_tokens)
+        logits = self.prefill(tokens, cache, slot=0).expand(num_samples, -1)
+        cache.copy_slot(0, range(1, num_samples))  # the prompt is prefilled once, whatever the number of samples
+        rng = torch.Generator(device=self.device).manual_seed(seed)  # one generator: the rows are sampled together
+        rows = [Row(slot, tokens, rng, temperature, top_k, top_p) for slot in range(num_samples)]
         for step in range(max_tokens):
-            next_ids = sample_next_token(logits, rng, temperature, top_k, top_p)  # [B, 1]
-            sampled = next_ids[:, 0].tolist()
-            token_column, token_masks = [], []
-            any_forced = False
-            for state, token in zip(rows, sampled):
-                if state.forced_tokens:
-                    token = state.forced_tokens.popleft()
-                    token_masks.append(0)
-                    any_forced = True
-                else:
-                    token_masks.append(1)
-                token_column.append(token)
-                state.tokens.append(token)
-                if not state.completed:
-                    code = self.handle_token(state, token)
-                    if code is not None:
-                        state.forced_tokens.extend(self.tool_output_tokens(code))
-            yield token_column, token_masks
-            if all(state.completed for state in rows) or step == max_tokens - 1:
+            column, masks, calls = self.advance(rows, logits)
+            for row, code in calls:
+                row.forced_tokens.extend(self.tool_output_tokens(code))
+            yield column, masks
+            if all(row.completed for row in rows) or step == max_tokens - 1:
                 break
-            if any_forced:
-                next_ids = torch.tensor(token_column, dtype=torch.long, device=device).unsqueeze(1)
-            with autocast:
-                logits = self.model.forward(next_ids, kv_cache=decode_cache)[:, -1, :]
+            logits = self.step(cache, rows)
 
     def generate_batch(self, tokens, num_samples=1, keep_end_token=False, **kwargs):
         """

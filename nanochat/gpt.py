@@ -27,12 +27,16 @@ a linear head), with the changes that later work found to train faster or more s
   one key/value head, shrinking the KV cache at inference. n_kv_head == n_head (the default) is plain
   multi-head attention.
 
-One dial sets the size: see model_config_from_depth(). The rest of the file is speed: hand-written
-backwards for the CPU (autograd's generic ones make several extra passes over big activations) and a
-lean one-token decode path for the engine; each computes the same maths as the plain path it replaces.
+One dial sets the size: see model_config_from_depth(). There is one forward pass, used by training,
+by prefill and by cached decode (a KV cache argument: nanochat/engine.py). Faster versions of the same
+maths for one device live in their own modules and are chosen by the caller, never by the model:
+nanochat/cpu_autograd.py (hand-written backwards for CPU training, plugged in through `Ops`) and
+nanochat/cpu_decode.py (the whole decode step in one Rust call, used by the engine). Delete them and
+everything still trains, evaluates and chats, only slower on a CPU.
 """
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -81,49 +85,13 @@ def has_value_embed(layer_idx, n_layer):
     return layer_idx % 2 == (n_layer - 1) % 2
 
 
-class RMSNorm(torch.autograd.Function):
-    """
-    Parameter-free RMSNorm with a hand-written backward: y = x / rms(x). The same maths as
-    F.rms_norm, but autograd through its composite form costs ~15 passes over x per call on CPU
-    (18 calls per step at depth 4); this is 2 passes forward and 4 backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        eps = torch.finfo(x.dtype).eps
-        acc_dtype = torch.promote_types(x.dtype, torch.float32)  # statistics in at least fp32 (bf16 under autocast)
-        rstd = torch.rsqrt(x.to(acc_dtype).square().mean(-1, keepdim=True) + eps)
-        y = (x * rstd).to(x.dtype)
-        ctx.save_for_backward(y, rstd)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        y, rstd = ctx.saved_tensors
-        # d/dx of x * rstd(x): project out the component along y, then rescale
-        dot = (grad_y * y).to(rstd.dtype).mean(-1, keepdim=True)
-        return (torch.addcmul(grad_y.to(rstd.dtype), y.to(rstd.dtype), dot, value=-1) * rstd).to(grad_y.dtype)
+def norm(x):
+    # parameter-free: nothing to learn, nothing to decay
+    return F.rms_norm(x, (x.size(-1),))
 
 
-class Rotary(torch.autograd.Function):
-    """
-    Rotary embedding: rotate the two halves of each head as complex pairs by position-dependent
-    angles. The backward is the inverse rotation, written out (cheaper than autograd through cat/mul).
-    x: [B, T, H, D]; cos/sin: [1, T, 1, D/2].
-    """
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        cos, sin = ctx.saved_tensors
-        return _rotate(grad_y, cos, -sin), None, None
-
-
-def _rotate(x, cos, sin):
+def apply_rotary_emb(x, cos, sin):
+    """x [B, T, H, D] rotated by its positions' angles; cos/sin [1 or B, T, 1, D/2]."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # keep bf16 activations bf16 under autocast (no-op in fp32)
     d = x.size(3) // 2
     # channel i is paired with channel i + D/2 (the "rotate half" layout, not interleaved pairs): each
@@ -132,103 +100,35 @@ def _rotate(x, cos, sin):
     return torch.cat([torch.addcmul(x1 * cos, x2, sin), torch.addcmul(x2 * cos, x1, sin, value=-1)], dim=3)
 
 
-class ReluSquared(torch.autograd.Function):
-    """relu(x)^2 with its backward written out (2 passes instead of autograd's 4 over the 4x-wide MLP activations)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        relu = torch.relu(x)
-        ctx.save_for_backward(relu)
-        return relu * relu
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        (relu,) = ctx.saved_tensors
-        return grad_y * relu * 2
+def relu_squared(x):
+    return F.relu(x).square()
 
 
-def norm(x):
-    # parameter-free: nothing to learn, nothing to decay. Without autograd (inference, eval) the
-    # fused built-in is cheaper per call, which matters for one-token decode steps.
-    if x.requires_grad and torch.is_grad_enabled():
-        return RMSNorm.apply(x)
-    return F.rms_norm(x, (x.size(-1),))
+def softcap_cross_entropy(x, head_weight, targets, reduction="mean"):
+    """The loss of normalised final activations x [N, C] against targets [N] (-1 = ignore), through the head."""
+    logits = softcap(F.linear(x, head_weight).float())
+    return F.cross_entropy(logits, targets, ignore_index=-1, reduction=reduction)
 
 
-def decode_norm(x):
-    # F.rms_norm's composite kernel makes dtype round trips; for fp32 these 4 ops give the same bits and
-    # make a one-token decode step at depth 4 ~3% faster (~45 us of ~1.5 ms, 14 norms per step)
-    if x.dtype != torch.float32:
-        return norm(x)
-    return x * torch.rsqrt(torch.mean(x * x, -1, keepdim=True) + torch.finfo(torch.float32).eps)
+def softcap(logits):
+    # Gemma 2's cap: the head cannot push a logit past 15 however confident it gets, which steadies training
+    return LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
 
 
-def decode_linear(x, weight, residual=None, normalize=False, relu_squared=False):
-    """Every matmul of a decode step: [residual +] [RMSNorm](x) @ weight, then optionally relu(.)^2."""
-    if normalize:
-        x = decode_norm(x)
-    out = torch.mm(x, weight) if residual is None else torch.addmm(residual, x, weight)  # addmm: the add is free
-    return torch.relu_(out).square_() if relu_squared else out
-
-
-def apply_rotary_emb(x, cos, sin):
-    if x.requires_grad and torch.is_grad_enabled():
-        return Rotary.apply(x, cos, sin)
-    return _rotate(x, cos, sin)
-
-
-class SoftcapCrossEntropy(torch.autograd.Function):
+@dataclass(frozen=True)
+class Ops:
     """
-    Mean cross-entropy of soft-capped logits, computed a chunk of rows at a time, with the gradients
-    of x and the head weight worked out in the same pass (so forward does the head's backward too).
-    Why: on CPU the [tokens, vocab] logits are the largest tensors of the step, and the plain path
-    streams several of them through memory (logits, tanh, softmax, their grads). Chunks stay in cache
-    and are updated in place: the loss head gets ~2x faster and the step ~25% faster. On CUDA,
-    torch.compile fuses the plain path instead, so this is used on CPU only.
+    The four operations a faster implementation for one device may replace with its own version of the same
+    maths: GPT.forward calls them through model.ops. Training on CPU swaps in nanochat/cpu_autograd.py's
+    (hand-written backwards); everything else uses these plain ones, which torch.compile fuses on a GPU.
     """
+    norm: Callable = norm
+    rotary: Callable = apply_rotary_emb
+    relu_squared: Callable = relu_squared
+    loss: Callable = softcap_cross_entropy
 
-    @staticmethod
-    def forward(ctx, x, weight, targets, compute_dtype=torch.float32, reduction="mean", chunk_rows=256):
-        # matmuls in compute_dtype (bf16 on AMX CPUs), softmax and both gradients accumulated in fp32;
-        # explicit casts instead of autocast, which does not apply to the out=/in-place matmuls below
-        with torch.autocast("cpu", enabled=False):
-            return SoftcapCrossEntropy._forward(ctx, x, weight, targets, compute_dtype, reduction, chunk_rows)
 
-    @staticmethod
-    def _forward(ctx, x, weight, targets, compute_dtype, reduction, chunk_rows):
-        grad_x, grad_weight = torch.empty_like(x), torch.zeros_like(weight)
-        low_precision = not (compute_dtype == x.dtype == weight.dtype == torch.float32)
-        weight_c = weight.to(compute_dtype)
-        count = (targets != -1).sum().clamp(min=1) if reduction == "mean" else 1  # "sum": the caller normalises
-        accumulate_dtype = torch.promote_types(x.dtype, torch.float32)  # softmax in at least fp32
-        total = x.new_zeros((), dtype=accumulate_dtype)
-        for start in range(0, x.size(0), chunk_rows):
-            x_chunk, t_chunk = x[start:start + chunk_rows].to(compute_dtype), targets[start:start + chunk_rows]
-            valid = (t_chunk != -1).unsqueeze(1)
-            safe_targets = t_chunk.clamp(min=0).unsqueeze(1)
-            tanh = torch.mm(x_chunk, weight_c.t()).to(accumulate_dtype).div_(LOGIT_SOFTCAP).tanh_()
-            logits = tanh * LOGIT_SOFTCAP
-            lse = torch.logsumexp(logits, dim=1, keepdim=True)
-            total += ((lse - logits.gather(1, safe_targets)) * valid).sum()
-            # d loss / d capped logits = softmax - one_hot; chain through the cap: * (1 - tanh^2)
-            grad = logits.sub_(lse).exp_()
-            grad.scatter_add_(1, safe_targets, -valid.to(grad.dtype))
-            grad.mul_(valid)
-            grad = tanh.square_().neg_().add_(1).mul_(grad)
-            if low_precision:
-                grad = grad.to(compute_dtype)
-                grad_x[start:start + chunk_rows] = torch.mm(grad, weight_c)
-                grad_weight += torch.mm(grad.t(), x_chunk)
-            else:
-                torch.mm(grad, weight, out=grad_x[start:start + chunk_rows])
-                grad_weight.addmm_(grad.t(), x_chunk)
-        ctx.save_for_backward(grad_x.div_(count), grad_weight.div_(count))
-        return total / count
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, grad_weight = ctx.saved_tensors
-        return grad_x * grad_loss, grad_weight * grad_loss, None, None, None, None
+PLAIN_OPS = Ops()
 
 
 class CausalSelfAttention(nn.Module):
@@ -244,7 +144,7 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache, value_embed=None):
+    def forward(self, x, cos, sin, kv_cache, value_embed, ops):
         B, T, C = x.size()
         if T > 1:
             # one matmul for q, k and v (~5% faster CPU steps); the weights stay separate matrices,
@@ -259,24 +159,15 @@ class CausalSelfAttention(nn.Module):
         if value_embed is not None:
             v = v + value_embed.to(v.dtype).view(B, T, self.n_kv_head, self.head_dim)
         # QK-norm; rotating first or norming first gives the same result (a rotation keeps the rms)
-        q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
+        q, k = ops.norm(ops.rotary(q, cos, sin)), ops.norm(ops.rotary(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-        if kv_cache is not None:
-            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-        t_query, t_key = q.size(2), k.size(2)
-        # GQA: enable_gqa has SDPA share each kv head among n_head / n_kv_head query heads (no repeat here)
-        gqa = self.n_head != self.n_kv_head
-        if t_query == t_key:
-            # training, or a prefill into an empty cache: plain causal attention
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif t_query == 1:
-            # single-token decode: the new query may look at everything cached
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa)
+        if kv_cache is None:
+            # training: causal attention over the sequence. GQA: enable_gqa has SDPA share each kv head among
+            # n_head / n_kv_head query heads (no repeat here)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_kv_head)
         else:
-            # a chunk after a cached prefix: all of the prefix, then causal within the chunk
-            prefix = t_key - t_query
-            mask = torch.ones(t_query, t_key, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            # inference: the cache stores these keys and values after each row's past ones and attends over them
+            y = kv_cache.attend(self.layer_idx, q, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
@@ -287,10 +178,8 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x):
-        h = self.c_fc(x)
-        h = ReluSquared.apply(h) if h.requires_grad and torch.is_grad_enabled() else F.relu(h).square()
-        return self.c_proj(h)
+    def forward(self, x, ops):
+        return self.c_proj(ops.relu_squared(self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -299,10 +188,10 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache, value_embed=None):
+    def forward(self, x, cos, sin, kv_cache, value_embed, ops):
         # pre-norm: each branch reads a normalised copy and adds its output back to the raw stream
-        x = x + self.attn(norm(x), cos, sin, kv_cache, value_embed)
-        x = x + self.mlp(norm(x))
+        x = x + self.attn(ops.norm(x), cos, sin, kv_cache, value_embed, ops)
+        x = x + self.mlp(ops.norm(x), ops)
         return x
 
 
@@ -329,9 +218,9 @@ class GPT(nn.Module):
         cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, config.n_embd // config.n_head)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-        # the dtype of the CPU decode kernels' packed weight copy (nanochat/exact_decode.py); engine.prepare_for_inference
-        # sets bf16 for `--dtype bfloat16` on CPUs without AMX. Not a parameter: never saved
-        self.decode_weight_dtype = torch.float32
+        # the implementations of norm, rotary, relu^2 and the loss (see Ops): the plain ones unless whoever trains
+        # the model swaps in faster ones for its device (use_ops). Not a parameter: never saved
+        self.ops = PLAIN_OPS
 
     def init_weights(self):
         """Initialise every weight (call after building, or after to_empty() from the meta device)."""
@@ -427,126 +316,45 @@ class GPT(nn.Module):
                 group["initial_lr"] = group["lr"]
         return optimizers
 
+    def use_ops(self, ops):
+        """Compute norm, rotary, relu^2 and the loss with `ops` (an Ops) from now on: the caller's choice of speed layer."""
+        self.ops = ops
+        return self
+
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """
-        idx: [B, T] token ids. With targets ([B, T], -1 = ignore) returns the loss
-        (a scalar for "mean"/"sum", [B, T] for "none"); without, returns fp32 logits [B, T, V].
+        idx: [B, T] token ids. With targets ([B, T], -1 = ignore) returns the loss (a scalar for "mean"/"sum",
+        [B, T] for "none"); without, returns fp32 logits [B, T, V]. With a kv_cache (inference), row b continues
+        the sequence the cache holds for it: its tokens sit at the positions after it, and attend to it.
         """
         B, T = idx.size()
-        decoding = T == 1 and kv_cache is not None and not torch.is_grad_enabled()
-        if decoding and not torch.is_autocast_enabled(idx.device.type):  # autocast keeps the general path
-            return self.decode_step(idx, kv_cache).unsqueeze(1)  # lean one-token path: ~1.4x decode tok/s on CPU
-        pos = 0 if kv_cache is None else kv_cache.get_pos()
-        if pos + T > self.cos.size(1):
-            raise ValueError(f"sequence of {pos + T} tokens exceeds the rotary table ({self.cos.size(1)})")
-        cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
-        x = x0 = norm(self.transformer.wte(idx))
+        cos, sin = self.rotary_angles(0 if kv_cache is None else kv_cache.start_positions(), T)
+        ops = self.ops
+        x = x0 = ops.norm(self.transformer.wte(idx))
         for i, block in enumerate(self.transformer.h):
             if self.config.x0_mixing:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             value_embed = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, cos, sin, kv_cache, value_embed)
-        x = norm(x)
-        if targets is not None and loss_reduction in ("mean", "sum") and x.device.type == "cpu" and torch.is_grad_enabled():
-            compute_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-            return SoftcapCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), compute_dtype,
-                                             loss_reduction)
-        logits = self.lm_head(x).float()
-        # soft-cap keeps logits in [-15, 15]: stabilises training at no quality cost
-        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+            x = block(x, cos, sin, kv_cache, value_embed, ops)
+        x = ops.norm(x)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
-        if loss_reduction == "none":
-            loss = loss.view(B, T)
-        return loss
+            return softcap(self.lm_head(x).float())
+        loss = ops.loss(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), loss_reduction)
+        return loss.view(B, T) if loss_reduction == "none" else loss
 
-    def _decode_tables(self, kv_cache):
+    def rotary_angles(self, start, T):
         """
-        Inference-only tensors for decode_step: per layer (q|k|v weight concatenated, then the other
-        weights pre-transposed, layer index), the head, and full-width rotary tables. Built once per
-        model state (keyed on each weight's storage and in-place version counter, so training, loading
-        or casting rebuilds them) and checked once per KV cache, not per token: keys cached with other
-        weights would be stale anyway. Checking per token cost ~30 us of a ~1.4 ms step.
+        cos, sin of the positions start .. start + T - 1: an int start for every row (training, a prefill, rows
+        decoding in step) gives [1, T, 1, D/2]; a tensor of one start per row (rows at their own positions, as in
+        continuous batching) gives [B, T, 1, D/2].
         """
-        tables = getattr(kv_cache, "decode_tables", None)  # any cache object with insert_kv/get_pos works
-        if tables is not None and tables[0] is self:
-            return tables[1]
-        blocks, cfg = self.transformer.h, self.config
-        weights = [w for block in blocks for w in (block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight,
-                                                   block.attn.c_proj.weight, block.mlp.c_fc.weight, block.mlp.c_proj.weight)]
-        weights += [self.lm_head.weight, self.transformer.wte.weight, self.cos, self.sin]
-        weights += self.scalar_parameters() + [e.weight for e in self.value_embeds.values()]
-        key = tuple((id(w), w.data_ptr(), w._version) for w in weights)
-        cached = getattr(self, "_decode_cache", None)
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                layers = [(torch.cat([b.attn.c_q.weight, b.attn.c_k.weight, b.attn.c_v.weight]).t(),
-                           b.attn.c_proj.weight.t(), b.mlp.c_fc.weight.t(), b.mlp.c_proj.weight.t(), b.attn.layer_idx,
-                           self.value_embeds[str(i)].weight if str(i) in self.value_embeds else None,
-                           (self.resid_lambdas[i].item(), self.x0_lambdas[i].item()) if cfg.x0_mixing else None)
-                          for i, b in enumerate(blocks)]
-                cos, sin = self.cos[0, :, 0], self.sin[0, :, 0]  # [T, D/2]
-                # rotate-half as one multiply-add: x * [cos, cos] + swap_halves(x) * [sin, -sin] (bit-identical)
-                dtype = self.lm_head.weight.dtype
-                cos2, sin2 = torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([sin, -sin], dim=-1).to(dtype)
-            cached = (key, (layers, self.lm_head.weight.t(), self.transformer.wte.weight, cos2, sin2))
-            self._decode_cache = cached
-        kv_cache.decode_tables = (self, cached[1])
-        return cached[1]
-
-    def decode_step(self, idx, kv_cache):
-        """
-        One-token decode (inference only): idx [B, 1] -> fp32 logits [B, V], same maths as forward().
-        Why: at depth 4 a decode step is ~400 tiny ops, so per-op and Python overhead dominate; this works on
-        2-D [B, C] rows, does q|k|v as one matmul, rotary+norm for q and k together, no transposes, adds the
-        residuals inside addmm, and skips module attribute lookups.
-        A cache may bring `kernels` (nanochat/exact_decode.py, CPU float32): then the whole step is one Rust call
-        on the rows the cache names (kernel_rows), ~4x this loop's speed at depth 4 on CPU.
-        """
-        tables = self._decode_tables(kv_cache)
-        layers, head, wte, cos2, sin2 = tables
-        B = idx.size(0)
-        kernels = getattr(kv_cache, "kernels", None)  # the exact CPU kernels (nanochat/exact_decode.py), or None: torch
-        if kernels is not None:  # the whole step in one Rust call, the same maths as the loop below
-            return kernels.step(tables, idx.view(B), *kv_cache.kernel_rows(wte))  # refuses positions past the rotary table
-        pos = kv_cache.get_pos()
-        cfg = self.config
-        H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
-        if not torch.is_tensor(pos) and pos + 1 > cos2.size(0):
-            raise ValueError(f"sequence of {pos + 1} tokens exceeds the rotary table ({cos2.size(0)})")
-        # a tensor pos: continuous batching, each row at its own position (checked by its owner) -> [B, 1, D]
-        rotary = (cos2[pos].unsqueeze(1), sin2[pos].unsqueeze(1)) if torch.is_tensor(pos) else (cos2[pos], sin2[pos])
-        x = x0 = decode_norm(F.embedding(idx.view(B), wte))
-        for w_qkv, w_o, w_fc, w_proj, layer_idx, value_embed, lambdas in layers:
-            if lambdas is not None:
-                x = lambdas[0] * x + lambdas[1] * x0
-            qkv = decode_linear(x, w_qkv, normalize=True)
-            if value_embed is not None:
-                qkv[:, (H + Hkv) * D:] += F.embedding(idx.view(B), value_embed).to(qkv.dtype)
-            y = self._decode_attention(qkv, rotary, kv_cache, layer_idx, H, Hkv, D)
-            x = decode_linear(y, w_o, residual=x)
-            x = decode_linear(decode_linear(x, w_fc, normalize=True, relu_squared=True), w_proj, residual=x)
-        logits = decode_linear(x, head, normalize=True)
-        if logits.dtype != torch.float32:
-            logits = logits.float()
-        return logits.div_(LOGIT_SOFTCAP).tanh_().mul_(LOGIT_SOFTCAP)
-
-    @staticmethod
-    def _decode_attention(qkv, rotary, kv_cache, layer_idx, H, Hkv, D):
-        """qkv [B, (H + 2 Hkv) D] of the new token -> attention output [B, H D]; stores its k, v in the cache."""
-        B = qkv.size(0)
-        cos, sin = rotary
-        qk = qkv[:, :(H + Hkv) * D].view(B, H + Hkv, D)  # q and k heads side by side: one rotary, one norm
-        swapped = qk.view(B, H + Hkv, 2, D // 2).flip(2).view(B, H + Hkv, D)
-        qk = decode_norm(torch.addcmul(qk * cos, swapped, sin))
-        q, k, v = qk[:, :H].unsqueeze(2), qk[:, H:].unsqueeze(2), qkv[:, (H + Hkv) * D:].view(B, Hkv, 1, D)
-        if hasattr(kv_cache, "attend"):  # rows of different lengths (nanochat/scheduler.py): the cache attends row by row
-            return kv_cache.attend(layer_idx, q, k, v).view(B, H * D)
-        keys, values = kv_cache.insert_kv(layer_idx, k, v)
-        y = F.scaled_dot_product_attention(q, keys, values, enable_gqa=H != Hkv)  # [B, H, 1, D]
-        return y.view(B, H * D)
+        last = (start if isinstance(start, int) else int(start.max())) + T
+        if last > self.cos.size(1):
+            raise ValueError(f"sequence of {last} tokens exceeds the rotary table ({self.cos.size(1)})")
+        if isinstance(start, int):
+            return self.cos[:, start:last], self.sin[:, start:last]
+        positions = start.view(-1, 1) + torch.arange(T, device=start.device)  # [B, T]
+        return self.cos[0, positions], self.sin[0, positions]
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):

@@ -11,7 +11,7 @@ Endpoints:
     GET  /v1/models, /health
     GET  /stats                  rows in flight, queue length, tokens/s over the last minute, KV-cache memory in use
 
-The server is a thin HTTP layer: it validates and translates requests, the scheduler (nanochat/scheduler.py)
+The server is a thin HTTP layer: it validates and translates requests, the batcher (nanochat/batching.py)
 owns generation, the tokenizer owns the chat format. One model replica per GPU, each decoding up to
 --max-batch replies together (continuous batching: a request joins the running batch at the next step and
 leaves it the moment it ends). Requests beyond the slots wait in a bounded queue; when it is full the
@@ -41,7 +41,7 @@ from nanochat.engine import Engine, prepare_for_inference
 from nanochat.execution import find_sandbox
 from nanochat.http_guards import (RequestError, allowed_hosts, check_json_shape, error_response, guard,
                                   h11_with_request_deadline, is_loopback, parse_origins)
-from nanochat.scheduler import GenerationRequest, QueueFull, Scheduler
+from nanochat.batching import GenerationRequest, QueueFull, Batcher
 
 # Limits on what one request may ask for: each violation is a 400 that names the limit.
 MAX_MESSAGES = 500
@@ -177,9 +177,9 @@ def render_prompt(tokenizer, messages, context_length, options):
     return prompt
 
 
-def start_reply(scheduler, prompt, options):
+def start_reply(batcher, prompt, options):
     """
-    Queue one reply with the scheduler. Returns (generation, events): the GenerationRequest and an asyncio.Queue
+    Queue one reply with the batcher. Returns (generation, events): the GenerationRequest and an asyncio.Queue
     that receives its events on this event loop. Raises a 503 RequestError when the slots and the queue are full.
     """
     loop = asyncio.get_running_loop()
@@ -187,7 +187,7 @@ def start_reply(scheduler, prompt, options):
     generation = GenerationRequest(prompt=prompt, emit=lambda *event: loop.call_soon_threadsafe(events.put_nowait, event),
                                    **options)
     try:
-        scheduler.submit(generation)
+        batcher.submit(generation)
     except QueueFull as e:
         raise RequestError(str(e), None, "queue_full", status=503)
     return generation, events
@@ -196,8 +196,8 @@ def start_reply(scheduler, prompt, options):
 UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
 
 
-def build_app(scheduler, tokenizer, model_name, defaults, context_length, page_html, api_docs=False):
-    """HTTP -> scheduler: each handler validates and translates a request, the scheduler generates, the handler relays."""
+def build_app(batcher, tokenizer, model_name, defaults, context_length, page_html, api_docs=False):
+    """HTTP -> batcher: each handler validates and translates a request, the batcher generates, the handler relays."""
     # the interactive docs and the schema are off unless asked for: they map every endpoint for anyone
     app = FastAPI(title="nanochat", docs_url="/docs" if api_docs else None, redoc_url="/redoc" if api_docs else None,
                   openapi_url="/openapi.json" if api_docs else None)
@@ -214,12 +214,12 @@ def build_app(scheduler, tokenizer, model_name, defaults, context_length, page_h
     @app.get("/health")
     async def health():
         log_request("/health", 200, time.perf_counter())
-        return {"status": "ok", "model": model_name, "replicas": len(scheduler.replicas)}
+        return {"status": "ok", "model": model_name, "replicas": len(batcher.replicas)}
 
     @app.get("/stats")
     async def stats():
         log_request("/stats", 200, time.perf_counter())
-        return scheduler.snapshot()
+        return batcher.snapshot()
 
     @app.get("/v1/models")
     async def models():
@@ -231,7 +231,7 @@ def build_app(scheduler, tokenizer, model_name, defaults, context_length, page_h
         try:
             messages, options, stream = parse_request(await request.body(), defaults)
             prompt = render_prompt(tokenizer, messages, context_length, options)
-            generation, events = start_reply(scheduler, prompt, options)
+            generation, events = start_reply(batcher, prompt, options)
         except RequestError as e:
             log_request(path, e.status, started, error=e.code)
             return None, error_response(e, {"Retry-After": "1"} if e.status == 503 else None)
@@ -266,7 +266,7 @@ def build_app(scheduler, tokenizer, model_name, defaults, context_length, page_h
                     finish_reason, status = "error", 200 if watch is None else 500
                     break
         finally:
-            scheduler.cancel(generation)
+            batcher.cancel(generation)
             log_request(path, status, started, stream=watch is None, finish=finish_reason,
                         completion_tokens=completion_tokens, **fields)
 
@@ -393,10 +393,11 @@ def load_engines(args):
     for device in devices:
         try:
             model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-            model = prepare_for_inference(model, args.dtype)
+            model, cpu_weight_dtype = prepare_for_inference(model, args.dtype)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"cannot load the {args.source} model: {e}")
-        engines.append(Engine(model, tokenizer, allow_weak_sandbox=allow_code_without_sandbox(args.host, args.allow_unsandboxed_code)))
+        engines.append(Engine(model, tokenizer, allow_weak_sandbox=allow_code_without_sandbox(args.host, args.allow_unsandboxed_code),
+                              cpu_weight_dtype=cpu_weight_dtype))
     return engines, tokenizer, meta
 
 
@@ -451,17 +452,14 @@ def main():
     config = meta["model_config"]
     model_name = f"nanochat-{args.source}-d{config['n_layer']}"
     context_length = config["sequence_len"]  # what the model was trained on; beyond it replies degrade
-    scheduler = Scheduler(engines, max_batch=args.max_batch, queue_size=args.queue_size)
+    batcher = Batcher(engines, max_batch=args.max_batch, queue_size=args.queue_size)
     with open(UI_PATH, encoding="utf-8") as f:
         page_html = f.read()  # read once: the Content-Security-Policy allows its inline script and style by hash
-    app = build_app(scheduler, tokenizer, model_name, args, context_length, page_html, api_docs=args.api_docs)
+    app = build_app(batcher, tokenizer, model_name, args, context_length, page_html, api_docs=args.api_docs)
     hosts, origins = allowed_hosts(args.host, args.allowed_hosts), parse_origins(args.cors_origins)
     app = guard(app, page_html, MAX_BODY_BYTES, hosts, origins)
-    kernels = engines[0].decode_kernels()
-    weights = (f"{next(engines[0].model.parameters()).dtype} weights" if kernels is None else
-               f"exact CPU decode kernels with {kernels.weight_dtype} weights")
-    logger.info(f"serving {model_name} on {len(engines)} replica(s) of up to {args.max_batch} rows, {weights}, "
-                f"at http://{args.host}:{args.port}")
+    logger.info(f"serving {model_name} on {len(engines)} replica(s) of up to {args.max_batch} rows, decoding with "
+                f"{engines[0].describe()}, at http://{args.host}:{args.port}")
     logger.info(sandbox_policy_line(args.host, args.allow_unsandboxed_code))
     logger.info(f"answering Host names: {', '.join(sorted(hosts)) if hosts else 'any'}; "
                 f"pages of other origins allowed: {', '.join(sorted(origins)) or 'none'} (--allowed-hosts, --cors-origins)")

@@ -41,14 +41,18 @@ def test_generation_past_the_cache_chunk_matches_naive(tiny_tokenizer):
 
 
 def test_kv_cache_grows_and_keeps_contents():
-    cache = KVCache(batch_size=2, num_heads=1, head_dim=4, num_layers=1, seq_len=3)
+    cache = KVCache(num_slots=2, num_layers=1, num_kv_heads=1, head_dim=4)
     first = torch.randn(2, 1, 3, 4)
-    cache.insert_kv(0, first, first)
+    cache.begin_step([0, 1])
+    cache.attend(0, first, first, first)
+    cache.end_step(3)
     capacity = cache.capacity
     more = torch.randn(2, 1, capacity, 4)  # forces a reallocation
-    keys, values = cache.insert_kv(0, more, more)
-    assert cache.capacity > capacity and cache.get_pos() == 3 + capacity
-    assert torch.equal(keys[:, :, :3], first) and torch.equal(values[:, :, 3:], more)
+    cache.begin_step([0, 1])
+    cache.attend(0, more, more, more)
+    cache.end_step(capacity)
+    assert cache.capacity > capacity and cache.lengths == [3 + capacity] * 2
+    assert torch.equal(cache.cache[0, 0, :, :, :3], first) and torch.equal(cache.cache[0, 1, :, :, 3:3 + capacity], more)
 
 
 def test_seed_reproduces_and_rows_sample_independently(tiny_tokenizer):
@@ -87,6 +91,7 @@ class ScriptedModel(nn.Module):
         special = tokenizer.encode_special
         self.config = GPTConfig(sequence_len=256, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=1, n_kv_head=1, n_embd=2)
         self.weight = nn.Parameter(torch.zeros(1))
+        self.cos = torch.zeros(1, 100_000, 1, 1)  # the rotary table's length: how far the engine may generate
         self.before = [special("<|python_start|>")] + tokenizer.encode(code) + [special("<|python_end|>")]
         self.after = tokenizer.encode(answer) + [special("<|assistant_end|>")]
         self.output_end = special("<|output_end|>")
@@ -98,8 +103,6 @@ class ScriptedModel(nn.Module):
 
     def forward(self, idx, kv_cache=None):
         B, T = idx.shape
-        dummy = torch.zeros(B, 1, T, 2)
-        kv_cache.insert_kv(0, dummy, dummy)
         self.fed.extend(idx[0].tolist())
         produced = len(self.fed) - self.prompt_len
         if self.output_end in self.fed:
@@ -185,20 +188,20 @@ def test_assistant_parts_round_trip_a_tool_call(tiny_tokenizer):
 
 
 def test_inference_weights_take_the_dtype_training_would_use(tiny_tokenizer):
+    from nanochat import cpu_decode
     from nanochat.common import cpu_has_fast_bf16, get_compute_dtype
-    from nanochat.exact_decode import usable
 
-    auto = prepare_for_inference(random_gpt(tiny_tokenizer), "auto")  # bf16 only where it is fast: CUDA, AMX CPUs
+    auto, _ = prepare_for_inference(random_gpt(tiny_tokenizer), "auto")  # bf16 only where it is fast: CUDA, AMX CPUs
     assert auto.lm_head.weight.dtype == get_compute_dtype(torch.device("cpu"), "auto")
-    assert prepare_for_inference(random_gpt(tiny_tokenizer), "float32").lm_head.weight.dtype == torch.float32
-    model = prepare_for_inference(random_gpt(tiny_tokenizer), "bfloat16")
+    assert prepare_for_inference(random_gpt(tiny_tokenizer), "float32")[0].lm_head.weight.dtype == torch.float32
+    model, cpu_weight_dtype = prepare_for_inference(random_gpt(tiny_tokenizer), "bfloat16")
     assert not model.training
-    engine = Engine(model, tiny_tokenizer)
-    if cpu_has_fast_bf16() or not usable("cpu", torch.float32):
-        assert model.lm_head.weight.dtype == torch.bfloat16 and engine.decode_kernels() is None
-    else:  # no AMX: torch would emulate bf16 matmuls, so only the decode kernels' packed copy is bf16
-        assert model.lm_head.weight.dtype == torch.float32 and model.decode_weight_dtype == torch.bfloat16
-        assert engine.decode_kernels().weight_dtype == torch.bfloat16
+    engine = Engine(model, tiny_tokenizer, cpu_weight_dtype=cpu_weight_dtype)
+    if cpu_has_fast_bf16() or not cpu_decode.usable("cpu", torch.float32):
+        assert model.lm_head.weight.dtype == torch.bfloat16 and engine.cpu_decoder is None
+    else:  # no AMX: torch would emulate bf16 matmuls, so only the CPU decoder's own copy of the weights is bf16
+        assert model.lm_head.weight.dtype == torch.float32 and cpu_weight_dtype == torch.bfloat16
+        assert engine.cpu_decoder.weight_dtype == torch.bfloat16
     tokens = tiny_tokenizer.encode("Hello", prepend="<|bos|>")  # the bf16 copy decodes
     results, _ = engine.generate_batch(tokens, max_tokens=5, temperature=0.0)
     assert len(results[0]) == len(tokens) + 5

@@ -1,29 +1,12 @@
-"""The GPT model: sizing, init, loss, the KV-cache path and the naive sampler."""
+"""The GPT model: sizing, init, loss, the KV-cache path (rows at one position or each at its own) and the naive sampler."""
 import dataclasses
 import math
 
 import pytest
 import torch
 
+from nanochat.engine import KVCache
 from nanochat.gpt import GPT, GPTConfig, model_config_from_depth
-
-
-class SimpleKVCache:
-    """The smallest cache that follows the contract in nanochat/gpt.py (the engine has the fast one)."""
-
-    def __init__(self, n_layer):
-        self.keys, self.values, self.pos, self.n_layer = [None] * n_layer, [None] * n_layer, 0, n_layer
-
-    def get_pos(self):
-        return self.pos
-
-    def insert_kv(self, layer_idx, k, v):
-        old_k, old_v = self.keys[layer_idx], self.values[layer_idx]
-        self.keys[layer_idx] = k if old_k is None else torch.cat([old_k, k], dim=2)
-        self.values[layer_idx] = v if old_v is None else torch.cat([old_v, v], dim=2)
-        if layer_idx == self.n_layer - 1:
-            self.pos += k.size(2)
-        return self.keys[layer_idx], self.values[layer_idx]
 
 
 def make_model(depth=2, vocab_size=256, sequence_len=64, n_kv_head=None, seed=0, random_outputs=False, **tricks):
@@ -103,14 +86,42 @@ def test_kv_cache_matches_full_forward(n_kv_head, tricks):
     model = make_model(depth=4, vocab_size=128, n_kv_head=n_kv_head, random_outputs=True, **tricks)
     model.eval()
     idx = torch.randint(0, 128, (2, 21))
+    config = model.config
+    cache = KVCache(2, config.n_layer, config.n_kv_head, config.n_embd // config.n_head)
+
+    def step(chunk):
+        cache.begin_step([0, 1])
+        logits = model(chunk, kv_cache=cache)
+        cache.end_step(chunk.size(1))
+        return logits
+
     with torch.no_grad():
         full = model(idx)
-        cache = SimpleKVCache(model.config.n_layer)
         # a prefill, a multi-token chunk after a prefix, then single-token decode steps
-        pieces = [model(idx[:, :7], kv_cache=cache), model(idx[:, 7:15], kv_cache=cache)]
-        pieces += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(15, 21)]
-    assert cache.get_pos() == 21
+        pieces = [step(idx[:, :7]), step(idx[:, 7:15])] + [step(idx[:, t:t + 1]) for t in range(15, 21)]
+    assert cache.lengths == [21, 21]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_rows_at_their_own_positions_match_each_alone():
+    """Continuous batching: one forward pass feeds rows of different lengths (and padding), each as if alone."""
+    model = make_model(depth=2, vocab_size=128, n_kv_head=1, random_outputs=True, value_embeds=True)
+    model.eval()
+    config = model.config
+    sequences = [torch.randint(0, 128, (1, n)) for n in (3, 9, 5)]
+    cache = KVCache(4, config.n_layer, config.n_kv_head, config.n_embd // config.n_head)
+    with torch.no_grad():
+        for slot, sequence in zip((3, 0, 2), sequences):  # prompts into slots out of order, each on its own
+            cache.begin_step([slot])
+            model(sequence[:, :-1], kv_cache=cache)
+            cache.end_step(sequence.size(1) - 1)
+        cache.begin_step([3, 0, 2], padded_rows=4)  # then one step for all three, at positions 2, 8 and 4
+        last = torch.tensor([[s[0, -1].item()] for s in sequences] + [[0]])
+        logits = model(last, kv_cache=cache)
+        cache.end_step()
+        for row, sequence in enumerate(sequences):
+            torch.testing.assert_close(logits[row, 0], model(sequence)[0, -1], atol=1e-4, rtol=1e-4)
+    assert cache.lengths == [9, 0, 5, 3]
 
 
 def test_generate_is_greedy_argmax_and_seeded():
@@ -137,68 +148,6 @@ def test_meta_device_build_then_init():
     model.init_weights()
     assert torch.isfinite(model(torch.zeros(1, 4, dtype=torch.long))).all()
     assert set(model.state_dict()) == {name for name, _ in model.named_parameters()}  # rotary tables are not saved
-
-
-def test_hand_written_pieces_match_autograd_reference():
-    """The CPU fast paths (chunked soft-capped loss, RMSNorm, rotary, relu^2) give the plain formulas' values and gradients."""
-    import torch.nn.functional as F
-
-    from nanochat.gpt import LOGIT_SOFTCAP, ReluSquared, RMSNorm, Rotary, SoftcapCrossEntropy
-
-    torch.manual_seed(0)
-    x = torch.randn(300, 32, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(50, 32, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, 50, (300,))
-    targets[::7] = -1
-    loss = SoftcapCrossEntropy.apply(x, weight, targets, torch.float64, "mean", 64)  # 64-row chunks: several, the last one partial
-    loss.backward()
-    ours = (loss.detach(), x.grad.clone(), weight.grad.clone())
-    x.grad, weight.grad = None, None
-    logits = LOGIT_SOFTCAP * torch.tanh(x @ weight.t() / LOGIT_SOFTCAP)
-    reference = F.cross_entropy(logits, targets, ignore_index=-1)
-    reference.backward()
-    for a, b in zip(ours, (reference.detach(), x.grad, weight.grad)):
-        torch.testing.assert_close(a, b)
-    # reduction="sum" (train_step normalises over the whole step itself): count times the mean, gradients too
-    count = (targets != -1).sum().item()
-    x.grad, weight.grad = None, None
-    total = SoftcapCrossEntropy.apply(x, weight, targets, torch.float64, "sum", 64)
-    total.backward()
-    for a, b in zip((total.detach(), x.grad, weight.grad), ours):
-        torch.testing.assert_close(a, b * count)
-    y = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(RMSNorm.apply, (y,))
-    torch.testing.assert_close(RMSNorm.apply(y), F.rms_norm(y, (8,)))
-    cos, sin = torch.randn(1, 5, 1, 4, dtype=torch.float64), torch.randn(1, 5, 1, 4, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda t: Rotary.apply(t, cos, sin), (y,))
-    assert torch.autograd.gradcheck(ReluSquared.apply, (y,))
-
-
-def test_bf16_loss_head_matches_the_autocast_formula():
-    """With bf16 compute (AMX CPUs), the chunked loss head gives what autocast gives the plain formula: bf16 matmuls, fp32 softmax."""
-    import torch.nn.functional as F
-
-    from nanochat.gpt import LOGIT_SOFTCAP, SoftcapCrossEntropy
-
-    torch.manual_seed(0)
-    x = torch.randn(300, 64, requires_grad=True)
-    weight = (torch.randn(50, 64) / 8).requires_grad_()
-    targets = torch.randint(0, 50, (300,))
-    targets[::5] = -1
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = SoftcapCrossEntropy.apply(x, weight, targets, torch.bfloat16, "mean", 64)
-        logits = LOGIT_SOFTCAP * torch.tanh((x @ weight.t()).float() / LOGIT_SOFTCAP)
-        reference = F.cross_entropy(logits, targets, ignore_index=-1)
-    assert loss.dtype == torch.float32
-    ours_grads = torch.autograd.grad(loss, (x, weight))
-    reference_grads = torch.autograd.grad(reference, (x, weight))
-    torch.testing.assert_close(loss, reference, rtol=1e-3, atol=1e-3)
-    for ours, ref in zip(ours_grads, reference_grads):
-        assert ours.dtype == torch.float32
-        torch.testing.assert_close(ours, ref, rtol=2e-2, atol=2e-4)
-    # and bf16 really was used: the fp32 loss differs by more than fp32 noise
-    fp32 = F.cross_entropy(LOGIT_SOFTCAP * torch.tanh(x @ weight.t() / LOGIT_SOFTCAP), targets, ignore_index=-1)
-    assert abs(fp32.item() - loss.item()) > 1e-6
 
 
 def test_training_step_in_bf16_tracks_fp32():
