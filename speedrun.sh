@@ -73,29 +73,27 @@ echo "nanochat speedrun: $PROFILE profile, artifacts in $NANOCHAT_BASE_DIR"
 
 # ---------------------------------------------------------------- stages that resume
 # stage NAME [--resumable] [--optional] COMMAND...
-# Runs COMMAND unless an earlier run finished it: the marker speedrun_stages/NAME.done, written last and
-# atomically (a rename), records the command, so a stage whose settings changed runs again. Once one stage
-# has run, every later stage runs too: its input just changed. --resumable: a training stage that was
-# interrupted (no marker) resumes from its last saved step. --optional: a failure is reported, not fatal
+# Runs COMMAND unless an earlier run finished it: the marker speedrun_stages/NAME.done (nanochat/stage_markers.py
+# writes and reads it), written last and atomically, records the command, so a stage whose settings changed runs
+# again. Once one stage has run, every later stage runs too: its input just changed. --resumable: a training stage
+# that was interrupted (no marker) resumes from its last saved step. --optional: a failure is reported, not fatal
 # (base_eval needs the internet for the CORE bundle).
-STAGES_DIR="$NANOCHAT_BASE_DIR/speedrun_stages"
+MARKERS=(python -m nanochat.stage_markers)
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # an interrupted run leaves no download running behind it
-mkdir -p "$STAGES_DIR"
 EARLIER_STAGE_RAN=0
 stage() {
     local name=$1 resumable=0 optional=0; shift
     while [[ "$1" == --resumable || "$1" == --optional ]]; do
         [ "$1" = --resumable ] && resumable=1 || optional=1; shift
     done
-    local marker="$STAGES_DIR/$name.done" command="$*" extra=()
-    if [ "$EARLIER_STAGE_RAN" = 0 ] && [ -f "$marker" ] && grep -qxF "command: $command" "$marker"; then
-        echo "== $name: $(grep -q '^result: failed' "$marker" && echo 'failed (optional)' || echo finished) in an earlier run, skipped (docs/artifacts.md: how to redo a stage)"
-        return 0
-    fi
-    if [ "$EARLIER_STAGE_RAN" = 0 ] && [ "$resumable" = 1 ] && [ ! -f "$marker" ]; then
-        extra=(--resume-if-saved)  # an interrupted run of this very stage: continue from its last checkpoint
-    fi
-    echo "== $name: $command ${extra[*]}"
+    local status=changed extra=()  # changed: after a stage that ran, this one's input did
+    [ "$EARLIER_STAGE_RAN" = 1 ] || status=$("${MARKERS[@]}" status "$name" -- "$@")
+    case "$status" in
+        done)    echo "== $name: finished in an earlier run, skipped (docs/artifacts.md: how to redo a stage)"; return 0 ;;
+        failed)  echo "== $name: failed (optional) in an earlier run, skipped (docs/artifacts.md: how to redo a stage)"; return 0 ;;
+        missing) [ "$resumable" = 0 ] || extra=(--resume-if-saved) ;;  # interrupted: continue from its last checkpoint
+    esac
+    echo "== $name: $* ${extra[*]}"
     local started=$SECONDS result=done
     if ! "$@" "${extra[@]}"; then
         if [ "$optional" = 0 ]; then
@@ -107,16 +105,12 @@ stage() {
     else
         EARLIER_STAGE_RAN=1
     fi
-    local temporary="$marker.$$.tmp"
-    printf 'stage: %s\ncommand: %s\nseconds: %s\nfinished: %s\nresult: %s\n' "$name" "$command" "$((SECONDS - started))" \
-        "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$result" > "$temporary"
-    sync "$temporary" 2>/dev/null || true
-    mv -f "$temporary" "$marker"
+    "${MARKERS[@]}" write "$name" --seconds "$((SECONDS - started))" --result "$result" -- "$@"
 }
 
 # a run whose first stage has to run is a new run: fresh report, no markers from the last one
-if ! { [ -f "$STAGES_DIR/tokenizer.done" ] && [ -f "$NANOCHAT_BASE_DIR/report/header.md" ]; }; then
-    rm -f "$STAGES_DIR"/*.done
+if [ "$("${MARKERS[@]}" status tokenizer)" = missing ] || [ ! -f "$NANOCHAT_BASE_DIR/report/header.md" ]; then
+    "${MARKERS[@]}" clear
     python -m nanochat.report reset
 fi
 

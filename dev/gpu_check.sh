@@ -26,7 +26,8 @@ timeout ${SPEED_TIMEOUT:-330} "$PYTHON" - <<'PY' || echo "speed check FAILED or 
 import dataclasses, os, random, time
 import torch
 from nanochat.gpt import GPT, model_config_from_depth
-from nanochat.training import get_peak_flops, train_step
+from nanochat.training import train_step
+from nanochat.training_log import get_peak_flops
 
 cuda = os.environ["DEVICE"] == "cuda"
 assert torch.cuda.is_available() or not cuda, "no CUDA device: this check needs a GPU"

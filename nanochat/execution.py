@@ -13,25 +13,46 @@ code is hostile input. Two layers contain it:
    working directory: no host file can be read or changed. It runs as an unprivileged user with
    no capabilities (when we are root, bwrap sets the sandbox up and the child drops to an unused
    uid of its own, so the process limit, which Linux never enforces for root, holds). The program
-   reaches the child on stdin, so nothing is written on the host's disk.
+   reaches the child on stdin, so nothing is written on the host's disk. Three more walls:
+   - A seccomp filter (a classic-BPF program built below, handed to bwrap on a pipe) refuses what a
+     Python tool never needs and an attacker wants. First new namespaces (unshare, clone with
+     namespace flags, setns): inside a user namespace of its own the child would hold every
+     capability again, enough to mount a tmpfs past our size cap. (--disable-userns says the same
+     where bwrap has a user namespace; as root it has none, and only the filter stops this.) Then
+     mounts, ptrace and other processes' memory, io_uring, keyrings, bpf, perf, userfaultfd, kernel
+     modules, memory no limit counts (memfd, SysV shared memory), sockets other than Unix, IPv4 and
+     IPv6 (netlink, packet), and every system call newer than the ones reviewed here.
+   - Memory is bounded per call, not per process (fork would multiply the limit). With a cgroup v2
+     that hands out the memory and pids controllers, each call gets a cgroup of its own (memory.max,
+     pids.max), removed afterwards. Without one (cgroup v1 hosts, most containers) the filter also
+     refuses fork: the program stays one process, threads allowed, and its address-space limit bounds
+     the whole call. Either way each call has at most SANDBOX_TMPFS_BYTES of files on top.
+   - Every process a call starts is waited for. bwrap's outer process exits with the program and
+     leaves the sandbox's pid 1 to whoever adopts orphans: a server that is PID 1 (a container
+     without init) or a child subreaper would collect a zombie per call, so we reap what is left of
+     the call's process group, and nothing else.
 2. Inside, the child limits itself before running the program: address space (memory), CPU
-   seconds, file size, number of processes; then disarms destructive functions (os.remove, kill,
-   fork, subprocess, open() for writing outside its directory, ...) so an honest mistake fails
-   with a clear PermissionError. This layer alone is not a boundary (ctypes or importlib.reload
-   undo it); it is what remains where bubblewrap is missing or not permitted (macOS, a container
-   that forbids namespaces). Then we log a warning, and chat_web bound to a non-loopback address
-   refuses to run such code unless told otherwise (see `sandbox_is_strong`).
+   seconds, file size, number of processes, open files; then disarms destructive functions
+   (os.remove, kill, fork, subprocess, open() for writing outside its directory, ...) so an honest
+   mistake fails with a clear PermissionError. This layer alone is not a boundary (ctypes or
+   importlib.reload undo it); it is what remains where bubblewrap is missing or not permitted
+   (macOS, a container that forbids namespaces). Then we log a warning, and chat_web bound to a
+   non-loopback address refuses to run such code unless told otherwise (see `sandbox_is_strong`).
 
 Around both: a wall-clock timeout that SIGKILLs the whole process group, a scrubbed environment,
 stdin at end-of-file once the program is read, and stdout/stderr capped in size.
 NANOCHAT_SANDBOX=weak forces the weak sandbox (to compare the two, or on a host where bwrap misbehaves).
 """
 import contextlib
+import errno
 import functools
 import os
 import secrets
+import select
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -45,6 +66,7 @@ DEFAULT_MAX_OUTPUT_BYTES = 64 * 1024  # per stream; a runaway print loop must no
 MAX_FILE_BYTES = 16 * 1024 * 1024  # any one file the program writes
 SANDBOX_TMPFS_BYTES = 32 * 1024 * 1024  # all of them together: the tmpfs lives in the host's memory
 MAX_PROCESSES = 16  # processes and threads of the sandbox's user, the program included
+MAX_OPEN_FILES = 64  # each open pipe or socket can hold ~200 KB of kernel memory that no address-space limit counts
 # When we are root, the child switches to a uid no account uses, a fresh one per call, so that
 # RLIMIT_NPROC counts only this call's processes.
 SANDBOX_UID_RANGE = (1_000_000, 2_000_000)
@@ -75,7 +97,7 @@ class ExecutionResult:
 # disarm destructive functions, then exec the program. Source text because the child is a bare interpreter.
 _CHILD_PRELUDE = r"""
 import builtins, io, os, resource, sys
-memory_bytes, cpu_seconds, file_bytes, max_processes, sandbox_uid = (int(a) for a in sys.argv[1:6])
+memory_bytes, cpu_seconds, file_bytes, max_processes, max_open_files, sandbox_uid = (int(a) for a in sys.argv[1:7])
 source = sys.stdin.buffer.read().decode("utf-8", errors="replace")
 os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # the program itself reads end-of-file: input() never blocks
 if sandbox_uid:
@@ -94,6 +116,7 @@ _limit(resource.RLIMIT_CPU, cpu_seconds)
 _limit(resource.RLIMIT_FSIZE, file_bytes)
 _limit(resource.RLIMIT_CORE, 0)
 _limit(resource.RLIMIT_NPROC, max_processes)
+_limit(resource.RLIMIT_NOFILE, max_open_files)
 sandbox_dir = os.path.realpath(os.getcwd())
 
 def _disabled(name):
@@ -128,6 +151,10 @@ for name in ["kill", "killpg", "system", "popen", "fork", "forkpty", "vfork", "e
              "unsetenv", "setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid", "plock"]:
     if hasattr(os, name):
         setattr(os, name, _disabled("os." + name))
+import posix
+for name in ["fork", "forkpty"]:  # os.fork is posix.fork under another name: disarm the original too
+    if hasattr(posix, name):
+        setattr(posix, name, _disabled("posix." + name))
 _DISARM_ON_IMPORT = {"shutil": ["rmtree", "move", "chown", "copytree", "copy", "copy2", "copyfile"],
                      "subprocess": ["Popen", "call", "run", "check_call", "check_output", "getoutput", "getstatusoutput"]}
 class _DisarmOnImport:
@@ -163,6 +190,210 @@ class Sandbox:
     description: str  # for logs: what contains the code, or why nothing does
     bwrap_arguments: list | None = None  # everything between `bwrap` and the Python command
     switch_user: bool = False  # bwrap runs as root without a user namespace: the child drops to a sandbox uid
+    seccomp_filter: bytes | None = None  # the BPF program bwrap installs before it starts the child
+    call_cgroup_parent: str | None = None  # each call runs in a cgroup v2 of its own under this one; None: no fork
+
+
+# ------------------------------------------------------------------ the seccomp filter
+
+# System calls by name: (number on x86_64, number on aarch64), None where the architecture has no such call
+# (<asm/unistd_64.h>, <asm-generic/unistd.h>). The filter refuses all but the last group with EPERM.
+_SYSCALL_NUMBERS = {
+    # namespaces and mounts: in a user namespace of its own the child has every capability again
+    "unshare": (272, 97), "setns": (308, 268), "mount": (165, 40), "umount2": (166, 39), "pivot_root": (155, 41),
+    "chroot": (161, 51), "open_tree": (428, 428), "move_mount": (429, 429), "fsopen": (430, 430),
+    "fsconfig": (431, 431), "fsmount": (432, 432), "fspick": (433, 433), "mount_setattr": (442, 442),
+    "open_tree_attr": (467, 467),
+    # other processes: their memory, their file descriptors
+    "ptrace": (101, 117), "process_vm_readv": (310, 270), "process_vm_writev": (311, 271),
+    "process_madvise": (440, 440), "process_mrelease": (448, 448), "pidfd_getfd": (438, 438), "kcmp": (312, 272),
+    # kernel surface a Python tool never needs, where many privilege escalations were found
+    "io_uring_setup": (425, 425), "io_uring_enter": (426, 426), "io_uring_register": (427, 427),
+    "keyctl": (250, 219), "add_key": (248, 217), "request_key": (249, 218), "bpf": (321, 280),
+    "perf_event_open": (298, 241), "userfaultfd": (323, 282), "fanotify_init": (300, 262),
+    "open_by_handle_at": (304, 265), "name_to_handle_at": (303, 264), "lookup_dcookie": (212, 18),
+    "migrate_pages": (256, 238), "move_pages": (279, 239),
+    # memory that neither the address-space limit nor the tmpfs cap counts
+    "memfd_create": (319, 279), "shmget": (29, 194),
+    # the machine itself (most need capabilities the child lacks: refused here too, should it ever regain them)
+    "kexec_load": (246, 104), "kexec_file_load": (320, 294), "init_module": (175, 105), "finit_module": (313, 273),
+    "delete_module": (176, 106), "swapon": (167, 224), "swapoff": (168, 225), "reboot": (169, 142), "acct": (163, 89),
+    "quotactl": (179, 60), "quotactl_fd": (443, 443), "syslog": (103, 116), "settimeofday": (164, 170),
+    "clock_settime": (227, 112), "vhangup": (153, 58), "nfsservctl": (180, 42),
+    "iopl": (172, None), "ioperm": (173, None), "modify_ldt": (154, None), "uselib": (134, None),
+    # not refused outright: their arguments decide, or (fork) whether calls have a cgroup of their own
+    "clone": (56, 220), "clone3": (435, 435), "socket": (41, 198), "personality": (135, 92),
+    "fork": (57, None), "vfork": (58, None),  # aarch64 forks with clone only
+}
+_DECIDED_ELSEWHERE = {"clone", "clone3", "socket", "personality", "fork", "vfork"}
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # EM_X86_64 / EM_AARCH64 | 64-bit | little-endian
+_X32_SYSCALL_BIT = 0x40000000  # x86-64's x32 ABI: the same architecture value, this bit set in the number
+_FIRST_UNREVIEWED_SYSCALL = 470  # file_setattr (469, Linux 6.17) is the newest call reviewed here
+_CLONE_NEW_NAMESPACES = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+_CLONE_THREAD = 0x00010000
+# classic BPF: load a 32-bit word of struct seccomp_data, compare, return an action
+_LOAD, _JUMP_IF_EQUAL, _JUMP_IF_AT_LEAST, _JUMP_IF_ANY_BIT, _RETURN = 0x20, 0x15, 0x35, 0x45, 0x06
+_ALLOW, _ERRNO, _KILL_PROCESS = 0x7FFF0000, 0x00050000, 0x80000000
+_NR, _ARCH, _ARG0 = 0, 4, 16  # offsets in seccomp_data: int nr; u32 arch; u64 ip; u64 args[6] (low half first)
+
+
+def _seccomp_architecture():
+    """The architecture the filter knows the system calls of, or None. A 32-bit Python makes 32-bit calls."""
+    machine = os.uname().machine
+    return machine if machine in _AUDIT_ARCH and sys.maxsize > 2**32 else None
+
+
+@functools.lru_cache(maxsize=2)
+def _seccomp_filter(architecture, allow_fork):
+    """The filter the module docstring describes, as bwrap's --seccomp reads it: an array of struct sock_filter."""
+    column = list(_AUDIT_ARCH).index(architecture)
+    number = {name: numbers[column] for name, numbers in _SYSCALL_NUMBERS.items() if numbers[column] is not None}
+    program, labels = [], {}
+
+    def op(code, k, true=None, false=None):  # `true`/`false`: where to jump, by label; None: the next instruction
+        program.append((code, k, true, false))
+
+    def label(name):
+        labels[name] = len(program)
+
+    op(_LOAD, _ARCH)
+    op(_JUMP_IF_EQUAL, _AUDIT_ARCH[architecture], false="kill")  # 32-bit calls (int 0x80) are numbered differently
+    op(_LOAD, _NR)
+    if architecture == "x86_64":
+        op(_JUMP_IF_AT_LEAST, _X32_SYSCALL_BIT, true="enosys")
+    op(_JUMP_IF_AT_LEAST, _FIRST_UNREVIEWED_SYSCALL, true="enosys")  # what an older kernel would answer
+    # clone3 passes its flags in memory, out of a filter's sight: ENOSYS makes glibc fall back to clone, which it sees
+    op(_JUMP_IF_EQUAL, number["clone3"], true="enosys")
+    for name in ["clone", "socket", "personality"]:
+        op(_JUMP_IF_EQUAL, number[name], true=name)
+    refused = [name for name in number if name not in _DECIDED_ELSEWHERE]
+    if not allow_fork:
+        refused += [name for name in ["fork", "vfork"] if name in number]
+    for name in refused:
+        op(_JUMP_IF_EQUAL, number[name], true="eperm")
+    op(_RETURN, _ALLOW)
+    label("clone")
+    op(_LOAD, _ARG0)  # the flags
+    op(_JUMP_IF_ANY_BIT, _CLONE_NEW_NAMESPACES, true="eperm")
+    if not allow_fork:
+        op(_JUMP_IF_ANY_BIT, _CLONE_THREAD, false="eperm")  # a thread shares the address space, a process would not
+    op(_RETURN, _ALLOW)
+    label("socket")
+    op(_LOAD, _ARG0)  # the address family; in our network namespace IPv4 and IPv6 reach only its own loopback
+    for family in [socket.AF_UNIX, socket.AF_INET, socket.AF_INET6]:
+        op(_JUMP_IF_EQUAL, family, true="allow")
+    op(_RETURN, _ERRNO | errno.EPERM)
+    label("personality")
+    op(_LOAD, _ARG0)
+    op(_JUMP_IF_EQUAL, 0, true="allow")  # PER_LINUX, the default
+    op(_JUMP_IF_EQUAL, 0xFFFFFFFF, true="allow")  # a query, which changes nothing
+    label("eperm")
+    op(_RETURN, _ERRNO | errno.EPERM)
+    label("allow")
+    op(_RETURN, _ALLOW)
+    label("enosys")
+    op(_RETURN, _ERRNO | errno.ENOSYS)
+    label("kill")
+    op(_RETURN, _KILL_PROCESS)
+    instructions = []
+    for index, (code, k, true, false) in enumerate(program):
+        jumps = [labels[target] - index - 1 if target else 0 for target in (true, false)]
+        assert all(0 <= jump < 256 for jump in jumps), "classic BPF jumps forward, at most 255 instructions"
+        instructions.append(struct.pack("=HBBI", code, *jumps, k))
+    return b"".join(instructions)
+
+
+def _pipe_holding(data):
+    """The read end of a pipe that already holds `data`: bwrap reads its filter from a file descriptor, once."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, data)  # ~1 KB, well under a pipe's buffer: never blocks
+    os.close(write_end)
+    return read_end
+
+
+# ------------------------------------------------------------------ memory per call: a cgroup, or no fork
+
+def _cgroup_for_calls():
+    """A cgroup v2 directory whose children get the memory and pids controllers: (path, None), or (None, why not).
+    NANOCHAT_SANDBOX_CGROUP names one (e.g. a systemd Delegate=yes subtree); otherwise we try our own cgroup."""
+    path = os.environ.get("NANOCHAT_SANDBOX_CGROUP")
+    if not path:
+        try:
+            with open("/proc/self/mountinfo") as mounts:
+                cgroup2 = [fields for fields in map(str.split, mounts) if fields[fields.index("-") + 1] == "cgroup2"]
+            with open("/proc/self/cgroup") as cgroups:
+                ours = [line.strip()[3:] for line in cgroups if line.startswith("0::")]
+        except OSError as error:
+            return None, f"cannot read /proc ({error.strerror})"
+        if not cgroup2 or not ours:
+            return None, "no cgroup v2 is mounted"
+        root, mount_point = cgroup2[0][3], cgroup2[0][4]
+        path = os.path.normpath(os.path.join(mount_point, os.path.relpath(ours[0], root)))
+    try:
+        with open(os.path.join(path, "cgroup.subtree_control")) as control:
+            controllers = control.read().split()
+    except OSError as error:
+        return None, f"cannot read {path}/cgroup.subtree_control ({error.strerror})"
+    if not {"memory", "pids"} <= set(controllers):
+        return None, (f"the cgroup v2 {path} does not give its children the memory and pids controllers "
+                      f"(cgroup.subtree_control: {' '.join(controllers) or 'empty'}); "
+                      f"NANOCHAT_SANDBOX_CGROUP can name one that does")
+    if not os.access(path, os.W_OK):
+        return None, f"the cgroup v2 {path} is not writable by us"
+    return path, None
+
+
+def _new_call_cgroup(parent, maximum_memory_bytes):
+    path = os.path.join(parent, f"nanochat-sandbox-{os.getpid()}-{secrets.token_hex(4)}")
+    os.mkdir(path)
+    # the program's memory and its files in the tmpfs (charged here too); processes: bwrap's two and its setup helper
+    for name, value in [("memory.max", maximum_memory_bytes + SANDBOX_TMPFS_BYTES), ("memory.swap.max", 0),
+                        ("pids.max", MAX_PROCESSES + 3)]:
+        try:
+            with open(os.path.join(path, name), "w") as control:
+                control.write(str(value))
+        except FileNotFoundError:
+            if name != "memory.swap.max":  # (absent without swap accounting: then there is no swap to limit)
+                raise
+    return path
+
+
+def _remove_call_cgroup(path):
+    """Kill what is left in the call's cgroup and remove it. True when the memory limit killed a process in it."""
+    with open(os.path.join(path, "memory.events")) as events:
+        oom_kills = dict(line.split() for line in events).get("oom_kill", "0")
+    with contextlib.suppress(OSError):  # cgroup.kill: Linux 5.14+; before, the end of the pid namespace does it
+        with open(os.path.join(path, "cgroup.kill"), "w") as kill:
+            kill.write("1")
+    deadline = time.monotonic() + 2.0
+    while True:
+        try:
+            os.rmdir(path)
+            break
+        except OSError as error:  # EBUSY until its last process has exited
+            if time.monotonic() > deadline:
+                logger.warning(f"could not remove the sandbox cgroup {path}: {error}")
+                break
+            time.sleep(0.002)
+    return int(oom_kills) > 0
+
+
+def _describe_containment(architecture, cgroup_parent, no_cgroup):
+    """For the startup log line: is the seccomp filter on, and what bounds a call's memory."""
+    if architecture:
+        seccomp = (f"seccomp filter on ({architecture}: no nested namespaces or mounts, ptrace, io_uring, keyrings, "
+                   f"bpf, netlink or packet sockets, ...)")
+    else:
+        seccomp = (f"seccomp filter OFF: no system call table here for {os.uname().machine} (only 64-bit x86_64 and "
+                   f"aarch64), so nested namespaces and the kernel calls it would refuse stay reachable")
+    if cgroup_parent:
+        memory = f"memory bounded per call by a cgroup v2 of its own under {cgroup_parent} (memory.max, pids.max)"
+    elif architecture:
+        memory = (f"memory bounded per call by refusing fork, one process under the call's memory limit "
+                  f"(no cgroup v2 for calls: {no_cgroup})")
+    else:
+        memory = f"memory limited per process only (no cgroup v2 for calls: {no_cgroup}; no filter to refuse fork)"
+    return f"{seccomp}; {memory}"
 
 
 def _python_runtime_mounts():
@@ -197,7 +428,10 @@ def _bwrap_arguments(user_namespace, disable_nested_user_namespaces=True):
         # bwrap started by root without a user namespace drops every capability but these two, which the
         # child's prelude needs once to switch to the sandbox uid
         namespaces += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
-    return (namespaces + ["--die-with-parent", "--new-session", "--hostname", "sandbox", "--clearenv",
+    # No --new-session: bwrap's pid 1 then stays in the call's process group, where killpg reaches it and
+    # _reap_process_group finds it. (That option keeps the child from injecting input into a terminal; bwrap starts
+    # in a session of its own, with pipes for stdio, so there is no terminal.)
+    return (namespaces + ["--die-with-parent", "--hostname", "sandbox", "--clearenv",
                           "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp",
                           "--setenv", "LANG", "C.UTF-8"]
             + _python_runtime_mounts()
@@ -215,17 +449,26 @@ def find_sandbox():
     if shutil.which("bwrap") is None:
         return Sandbox(False, "weak in-process guards only: bubblewrap is not installed "
                               "(Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap)")
+    # Every bwrap candidate gets the same filter and memory bound; a filter bwrap cannot install fails the probe.
+    cgroup_parent, no_cgroup = _cgroup_for_calls()
+    architecture = _seccomp_architecture()
+    seccomp_filter = _seccomp_filter(architecture, allow_fork=cgroup_parent is not None) if architecture else None
+    containment = _describe_containment(architecture, cgroup_parent, no_cgroup)
+
+    def bwrap_sandbox(description, arguments, switch_user=False):
+        return Sandbox(True, f"{description}; {containment}", arguments, switch_user, seccomp_filter, cgroup_parent)
+
     candidates = []
     if os.geteuid() == 0:
-        candidates.append(Sandbox(True, "bubblewrap (namespaces, child switched to an unprivileged uid)",
-                                  _bwrap_arguments(user_namespace=False), switch_user=True))
+        candidates.append(bwrap_sandbox("bubblewrap (namespaces, child switched to an unprivileged uid)",
+                                    _bwrap_arguments(user_namespace=False), switch_user=True))
         for nested in (True, False):
-            candidates.append(Sandbox(True, "bubblewrap (user namespace as root: the process limit is not enforced)",
-                                      _bwrap_arguments(user_namespace=True, disable_nested_user_namespaces=nested)))
+            candidates.append(bwrap_sandbox("bubblewrap (user namespace as root: the process limit is not enforced)",
+                                        _bwrap_arguments(user_namespace=True, disable_nested_user_namespaces=nested)))
     else:
         for nested in (True, False):  # an older bwrap lacks --disable-userns
-            candidates.append(Sandbox(True, "bubblewrap (user, PID, network, IPC and UTS namespaces)",
-                                      _bwrap_arguments(user_namespace=True, disable_nested_user_namespaces=nested)))
+            candidates.append(bwrap_sandbox("bubblewrap (user, PID, network, IPC and UTS namespaces)",
+                                        _bwrap_arguments(user_namespace=True, disable_nested_user_namespaces=nested)))
     failures = []
     for candidate in candidates:
         result = _run(candidate, "print(6 * 7)", timeout=10.0, maximum_memory_bytes=256 * 1024 * 1024,
@@ -245,7 +488,9 @@ def sandbox_is_strong():
 @functools.lru_cache(maxsize=1)
 def _warn_if_weak():
     sandbox = find_sandbox()
-    if sandbox.strong:
+    if sandbox.strong and sandbox.seccomp_filter is None:
+        logger.warning(f"model-written code runs in {sandbox.description}")
+    elif sandbox.strong:
         logger.info(f"model-written code runs in {sandbox.description}")
     else:
         logger.warning(f"model-written code runs with {sandbox.description}. That is not a security boundary: "
@@ -275,27 +520,84 @@ def _write_program(stream, data):
         pass  # the child died before reading it all; its exit status tells what happened
 
 
+def _wait(process, timeout):
+    """process.wait(timeout) without its polling: Popen.wait sleeps in steps that double up to 50 ms, so a call that
+    ends after 17 ms is noticed at 32 ms. A pidfd (Linux 5.3+) wakes us the moment the child exits."""
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):  # not Linux, or too old: poll like Popen.wait
+        return process.wait(timeout=timeout)
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if not poller.poll(timeout * 1000):
+            raise subprocess.TimeoutExpired(process.args, timeout)
+    finally:
+        os.close(pidfd)
+    return process.wait()
+
+
+def _reap_process_group(process_group):
+    """
+    Wait for what the call left in its process group that became our child. Orphans go to PID 1 or to the nearest
+    child subreaper: when that is us (a server in a container without init), bwrap's pid 1, which its outer process
+    never waits for, and whatever the weak sandbox's program forked would each stay a zombie. Only the call itself
+    can be in its group, so no exit status that another part of this program waits for is taken. Everything in it
+    was just SIGKILLed: this returns at once, and at once too where orphans go elsewhere (ChildProcessError).
+    """
+    deadline = time.monotonic() + 2.0
+    while True:
+        try:
+            pid, _ = os.waitpid(-process_group, os.WNOHANG)  # a negative pid: any child in that process group
+        except ChildProcessError:
+            return
+        if pid == 0:  # ours, killed, not yet exited
+            if time.monotonic() > deadline:
+                logger.warning(f"a process of sandbox process group {process_group} did not exit after SIGKILL")
+                return
+            time.sleep(0.001)
+
+
 def _run(sandbox, code, timeout, maximum_memory_bytes, max_output_bytes):
     cpu_seconds = int(timeout) + 1
     sandbox_uid = secrets.randbelow(SANDBOX_UID_RANGE[1] - SANDBOX_UID_RANGE[0]) + SANDBOX_UID_RANGE[0] if sandbox.switch_user else 0
-    limits = [str(int(maximum_memory_bytes)), str(cpu_seconds), str(MAX_FILE_BYTES), str(MAX_PROCESSES), str(sandbox_uid)]
+    limits = [str(int(maximum_memory_bytes)), str(cpu_seconds), str(MAX_FILE_BYTES), str(MAX_PROCESSES),
+              str(MAX_OPEN_FILES), str(sandbox_uid)]
     python = os.path.realpath(sys._base_executable if hasattr(sys, "_base_executable") else sys.executable)
     # -I: ignore PYTHON* variables, user site-packages and the current directory; -S: no site-packages at all
     child = [python, "-I", "-S", "-X", "utf8", "-c", _CHILD_PRELUDE] + limits
     # The bwrap process's own environment shows in /proc/1/environ inside: give it nothing of ours.
     environment = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
-    # only the weak sandbox works in a directory on the host's disk; bwrap's is a tmpfs inside the sandbox
-    weak = sandbox.bwrap_arguments is None
-    with (tempfile.TemporaryDirectory(prefix="nanochat_exec_") if weak else contextlib.nullcontext()) as workdir:
-        if not weak:
-            command, cwd = ["bwrap"] + sandbox.bwrap_arguments + child, "/"
-        else:
+    passed_fds, oom_killed = [], []
+    with contextlib.ExitStack() as cleanup:
+        if sandbox.bwrap_arguments is None:
+            # only the weak sandbox works in a directory on the host's disk; bwrap's is a tmpfs inside the sandbox
+            workdir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="nanochat_exec_"))
             command, cwd = child, workdir
             environment.update(HOME=workdir, TMPDIR=workdir)
+        else:
+            command, cwd = ["bwrap"] + sandbox.bwrap_arguments, "/"
+            if sandbox.call_cgroup_parent:
+                try:
+                    cgroup = _new_call_cgroup(sandbox.call_cgroup_parent, maximum_memory_bytes)
+                except OSError as error:
+                    return ExecutionResult(False, "", "", error=f"could not create this call's cgroup under "
+                                                                f"{sandbox.call_cgroup_parent}: {error}")
+                cleanup.callback(lambda: oom_killed.append(_remove_call_cgroup(cgroup)))
+                # the shell moves itself into the call's cgroup, then becomes bwrap: all that it starts is born inside
+                command = ["/bin/sh", "-c", 'echo 0 > "$0/cgroup.procs" && exec "$@"', cgroup] + command
+            if sandbox.seccomp_filter:
+                passed_fds.append(_pipe_holding(sandbox.seccomp_filter))
+                command += ["--seccomp", str(passed_fds[-1])]
+            command += child
         # start_new_session: the child leads its own process group, so killpg reaches what it started.
         # (No preexec_fn: it is unsafe in threaded servers; the child sets its own limits in the prelude.)
-        process = subprocess.Popen(command, cwd=cwd, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            process = subprocess.Popen(command, cwd=cwd, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, start_new_session=True, pass_fds=passed_fds)
+        finally:
+            for fd in passed_fds:
+                os.close(fd)  # the child has its copy
         stdout_chunks, stderr_chunks, truncated = [], [], []
         threads = [threading.Thread(target=_write_program, args=(process.stdin, code.encode("utf-8", "replace")), daemon=True),
                    threading.Thread(target=_read_capped, args=(process.stdout, stdout_chunks, max_output_bytes, truncated), daemon=True),
@@ -304,23 +606,24 @@ def _run(sandbox, code, timeout, maximum_memory_bytes, max_output_bytes):
             thread.start()
         timed_out = False
         try:
-            process.wait(timeout=timeout)
+            _wait(process, timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:
             # Always kill the group, even after a clean exit: the program may have left children behind.
-            # Under bwrap, killing bwrap kills the namespace's init and with it every process inside.
+            # Under bwrap the group holds bwrap and the namespace's pid 1, whose death ends every process inside.
             try:
                 os.killpg(process.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
             process.wait()
+            _reap_process_group(process.pid)
         deadline = time.monotonic() + 1.0
         for thread in threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
     stdout = b"".join(stdout_chunks).decode("utf-8", errors="replace")
     stderr = b"".join(stderr_chunks).decode("utf-8", errors="replace")
-    memory_exceeded = "MemoryError" in stderr
+    memory_exceeded = "MemoryError" in stderr or any(oom_killed)
     return_code = process.returncode
     if timed_out:
         error = f"timed out after {timeout:g} s"

@@ -7,9 +7,10 @@ The report card: every stage writes a markdown section into <base dir>/report/, 
     python -m nanochat.report generate   # -> <base dir>/report.md, copied to ./report.md
 
 report.md reads top to bottom like the run: the header, each stage's section, the training curves
-(PNGs drawn from the points training recorded in report/curves/<stage>.jsonl, when matplotlib is
-installed), the wall time of each stage (from speedrun.sh's markers in speedrun_stages/), and last the
-summary table of headline metrics x stages, the total wall-clock time and what the GPUs cost.
+(PNGs drawn from the points training recorded, nanochat/curves.py, when matplotlib is installed), the
+wall time of each stage (from speedrun.sh's markers, nanochat/stage_markers.py), and last the summary
+table of headline metrics x stages, the total wall-clock time and what the GPUs cost. The report only
+reads what the stages wrote: nothing else in nanochat/ imports it.
 
 The total is the sum of the stages' own times, not "now - reset": a run resumed the next day must not
 bill the night in between. Offline stand-in scores (NANOCHAT_DATA=sample) are marked in the table, so a
@@ -17,7 +18,6 @@ score on synthetic arithmetic is never mistaken for GSM8K.
 """
 import argparse
 import datetime
-import json
 import math
 import os
 import platform
@@ -25,10 +25,11 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 
 from nanochat.artifacts import atomic_write
 from nanochat.common import format_duration, get_base_dir, get_dist_info
+from nanochat.curves import curves_dir, read_curve
+from nanochat.stage_markers import read_stage_markers, stages_dir
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -221,46 +222,7 @@ def fill_pending_token_count(header, repo_root=REPO_ROOT):
 
 
 # -----------------------------------------------------------------------------
-# stage times: speedrun.sh writes speedrun_stages/<stage>.done when a stage finishes
-
-
-def read_stage_marker(path):
-    """
-    {stage, command, seconds, finished (POSIX time)} from a marker of `key: value` lines (other lines are ignored), or
-    None, with a warning, when it lacks a stage or a usable number of seconds: a half-written or hand-edited
-    marker costs its row of the table, never the report.
-    """
-    fields = {}
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, sep, value = line.partition(":")
-                if sep:
-                    fields[key.strip().lower()] = value.strip()
-    except OSError as e:
-        print(f"warning: skipping the stage marker {path}: {e}", file=sys.stderr)
-        return None
-    try:
-        seconds = float(fields.get("seconds", ""))
-    except ValueError:
-        seconds = float("nan")
-    if not fields.get("stage") or not math.isfinite(seconds) or seconds < 0:
-        print(f"warning: skipping the stage marker {path}: it needs 'stage: <name>' and 'seconds: <wall seconds>'", file=sys.stderr)
-        return None
-    try:  # speedrun.sh writes UTC as "...Z", which fromisoformat reads only from Python 3.11 on
-        finished = datetime.datetime.fromisoformat(re.sub(r"Z$", "+00:00", fields.get("finished", ""))).timestamp()
-    except ValueError:  # only the order needs it: the file's own time says when it was written
-        finished = os.path.getmtime(path)
-    return {"stage": fields["stage"], "command": fields.get("command", ""), "seconds": seconds, "finished": finished,
-            "result": fields.get("result", "done")}
-
-
-def read_stage_markers(stages_dir):
-    """The valid markers of stages_dir, in the order the stages finished."""
-    if not os.path.isdir(stages_dir):
-        return []
-    markers = [read_stage_marker(os.path.join(stages_dir, n)) for n in sorted(os.listdir(stages_dir)) if n.endswith(".done")]
-    return sorted((m for m in markers if m), key=lambda m: m["finished"])
+# stage times: speedrun.sh writes speedrun_stages/<stage>.done when a stage finishes (nanochat/stage_markers.py)
 
 
 def stage_times_table(markers):
@@ -291,29 +253,7 @@ def cost_line(hours, num_gpus, node_hourly_rate):
 
 
 # -----------------------------------------------------------------------------
-# training curves: points recorded by training (nanochat.training.record_curve_point), plotted here
-
-
-def curves_dir(base_dir=None):
-    return os.path.join(base_dir or get_base_dir(), "report", "curves")
-
-
-def read_curve(path):
-    """
-    {step: {name: value}} from a curve's JSON lines. A resumed run records its steps again after the
-    checkpoint it resumed from: the last value recorded for a step wins, so the curve shows the run that
-    carried on. A line cut short by a crash is skipped.
-    """
-    points = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                point = json.loads(line)
-                step = int(point.pop("step"))
-            except (ValueError, KeyError, TypeError, AttributeError):
-                continue
-            points.setdefault(step, {}).update({k: v for k, v in point.items() if isinstance(v, (int, float))})
-    return points
+# training curves: points recorded by training (nanochat/curves.py), plotted here
 
 
 def plot_curve(stage, points, png_path):
@@ -501,7 +441,7 @@ class Report:
             header = "# nanochat training report\n\n"
         sections = "".join(self._read(name) for name in self._sections())
         plots = self.plot_curves()
-        markers = read_stage_markers(os.path.join(self.base_dir, "speedrun_stages"))
+        markers = read_stage_markers(stages_dir(self.base_dir))
         seconds, measured = self.wall_time(markers)
         ending = [stage_times_table(markers) if markers else "", self.summary_table()]
         if seconds is None:

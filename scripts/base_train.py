@@ -30,9 +30,11 @@ from nanochat.gpt import GPT, model_config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import (StepLogger, add_optimizer_args, add_training_args, check_training_args, get_grad_accum_steps,
-                               get_lr_multiplier, get_muon_momentum, init_compute, is_due, maybe_compile, resume_if_asked,
-                               record_curve_point, run_training_loop, save_training_state, setup_optimizers, train_step)
+from nanochat.training import get_grad_accum_steps, get_lr_multiplier, get_muon_momentum, is_due, train_step
+from nanochat.training_log import StepLogger
+from nanochat.training_setup import (add_optimizer_args, add_training_args, check_training_args, init_compute, prepare_model,
+                                     setup_optimizers)
+from nanochat.training_state import resume_if_asked, save_training_state
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
                   "The opposite of hot is", "The planets of the solar system are:", "My favorite color is"]
@@ -127,8 +129,8 @@ checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
 start_step, loader_state, meta = resume_if_asked(parser, args, checkpoint_dir, model, optimizers, compute,
                                                  hint="; use the same --depth/--max-seq-len/--n-kv-head/--x0-mixing/--value-embeds")
 
-orig_model = model  # saving, sampling and evaluating use the uncompiled module
-model = maybe_compile(model, compute, args.compile)
+orig_model = model  # saving and sampling use the module itself; steps and evals run what prepare_model makes of it
+model = prepare_model(model, compute, args.compile)
 train_loader = PretrainLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device=compute.device, resume_state=loader_state)
 
 
@@ -155,40 +157,31 @@ def print_samples():
 
 
 # -----------------------------------------------------------------------------
-# the loop
+# the loop: evaluate and save when due (always at the end), then one optimizer step
 
 logger = StepLogger(compute, num_iterations, flops_per_token, resumed_meta=meta, stage="base")
 val_bpb, min_val_bpb = meta.get("val_bpb"), meta.get("min_val_bpb", float("inf"))
 initial_val_bpb = meta.get("initial_val_bpb")  # a resumed run reports the first run's step-0 figure, not its own first eval
-
-
-def evaluate(step):
-    global val_bpb, min_val_bpb, initial_val_bpb
-    val_bpb = evaluate_val_bpb()
-    min_val_bpb = min(min_val_bpb, val_bpb)
-    initial_val_bpb = val_bpb if initial_val_bpb is None else initial_val_bpb
-    print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
-    compute.wandb.log({"step": step, "val/bpb": val_bpb})
-    record_curve_point("base", step, val_bpb=val_bpb)
-    if compute.master_process and is_due(step, args.sample_every, step == num_iterations):
-        print_samples()
-
-
-def save(step):
-    save_training_state(checkpoint_dir, step, orig_model, optimizers, train_loader, {
-        "step": step, "model_config": dataclasses.asdict(model_config), "user_config": user_config,
-        "world_size": compute.world_size, "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
-        "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "initial_val_bpb": initial_val_bpb, "smooth_train_loss": logger.smooth_loss,
-        "total_training_time": logger.total_time,
-    }, compute)
-
-
-def step_fn(step, lr_multiplier):
-    return train_step(model, optimizers, train_loader, grad_accum_steps, compute.autocast, lr_multiplier, get_muon_momentum(step))
-
-
-run_training_loop(start_step, num_iterations, step_fn, logger, evaluate, save, args.eval_every, args.save_every,
-                  lambda step: get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac))
+for step in range(start_step, num_iterations + 1):
+    last_step = step == num_iterations
+    if is_due(step, args.eval_every, last_step):
+        val_bpb = evaluate_val_bpb()
+        min_val_bpb = min(min_val_bpb, val_bpb)
+        initial_val_bpb = val_bpb if initial_val_bpb is None else initial_val_bpb
+        logger.log_eval(step, {"val bpb": val_bpb})
+        if compute.master_process and is_due(step, args.sample_every, last_step):
+            print_samples()
+    if last_step or (step > start_step and is_due(step, args.save_every, last_step)):  # the step resumed from is saved already
+        save_training_state(checkpoint_dir, step, orig_model, optimizers, train_loader, compute, {
+            "user_config": user_config, "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
+            "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "initial_val_bpb": initial_val_bpb, **logger.state_dict()})
+    if last_step:
+        break
+    lr_multiplier = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+    with logger.timer:
+        loss, tokens = train_step(model, optimizers, train_loader, grad_accum_steps, compute.autocast, lr_multiplier,
+                                  get_muon_momentum(step))
+    logger.log(step, loss, tokens, lr_multiplier)
 
 # -----------------------------------------------------------------------------
 # wrap up

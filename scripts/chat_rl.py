@@ -13,21 +13,21 @@ the mean completion length, tool calls per completion and how the step's time sp
 and learning. pass@1 and pass@k on held-out problems every --eval-every steps. Writes chatrl_checkpoints/<tag>/.
 """
 import argparse
-import dataclasses
 import os
 import random
 import time
 
-import torch
-
 from nanochat.common import compute_cleanup, get_base_dir, print0
+from nanochat.curves import record_curve_point
 from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.rl import policy_gradient_batches, sample_group
 from nanochat.task_eval import all_reduce_sums, run_generative_eval
-from nanochat.training import (StepLogger, add_optimizer_args, add_training_args, check_training_args, get_muon_momentum,
-                               init_compute, load_source_model, resume_if_asked, run_training_loop, save_training_state,
-                               record_curve_point, setup_optimizers, train_step)
+from nanochat.training import get_muon_momentum, is_due, train_step
+from nanochat.training_log import StepLogger
+from nanochat.training_setup import (add_finetuning_args, add_optimizer_args, add_training_args, check_training_args, init_compute,
+                                     load_source_model, prepare_model, setup_optimizers)
+from nanochat.training_state import resume_if_asked, save_training_state
 from tasks.arithmetic import Arithmetic
 from tasks.common import use_stand_ins
 from tasks.gsm8k import GSM8K
@@ -50,9 +50,7 @@ def rl_data(stand_ins, stand_in_size, train_file=None, test_file=None):
 parser = argparse.ArgumentParser(description="Reinforcement learning (GRPO-style) of the chat model on GSM8K")
 add_training_args(parser)
 add_optimizer_args(parser)
-parser.add_argument("--source", type=str, default="sft", choices=["mid", "sft"], help="the stage to start from")
-parser.add_argument("--step", type=int, default=None, help="source checkpoint step (default: the latest)")
-parser.add_argument("--examples-per-step", type=int, default=16, help="questions per optimizer step, over all ranks")
+add_finetuning_args(parser, sources=["mid", "sft"], default_source="sft", examples_per_step=16, init_lr_frac=0.05)
 parser.add_argument("--num-samples", type=int, default=16, help="completions sampled per question (the group)")
 parser.add_argument("--max-new-tokens", type=int, default=256, help="longest completion, in tokens")
 # temperature 1: rollouts come from the model's own distribution, the one whose log-probabilities the policy
@@ -60,8 +58,6 @@ parser.add_argument("--max-new-tokens", type=int, default=256, help="longest com
 parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts and of pass@k")
 parser.add_argument("--top-k", type=int, default=50, help="top-k of the rollouts and of pass@k (0 = off)")
 parser.add_argument("--divide-by-std", action="store_true", help="divide each group's advantages by its reward std (GRPO)")
-parser.add_argument("--num-epochs", type=float, default=1.0, help="passes over the train questions when --num-iterations is -1")
-parser.add_argument("--init-lr-frac", type=float, default=0.05, help="every lr starts at this fraction of pretraining's, then decays linearly to 0")
 parser.add_argument("--eval-examples", type=int, default=400, help="held-out problems per pass@k evaluation")
 parser.add_argument("--eval-samples", type=int, default=4, help="k of pass@k: samples per held-out problem")
 parser.add_argument("--seed", type=int, default=0, help="seed of the question order and of the rollouts' sampling")
@@ -77,8 +73,7 @@ if args.temperature < 0:
 user_config = dict(vars(args))
 
 compute = init_compute(args)
-model, tokenizer, source_meta, _ = load_source_model(parser, args.source, args, compute)
-model_tag = source_meta["model_tag"]
+model, tokenizer, source, _ = load_source_model(parser, args.source, args, compute)
 if args.examples_per_step % compute.world_size:
     parser.error(f"--examples-per-step {args.examples_per_step} is not a multiple of the world size {compute.world_size}")
 
@@ -92,36 +87,30 @@ print0(f"steps: {num_iterations:,} | questions per step: {args.examples_per_step
        f"| rows per learning micro-batch: {args.device_batch_size}")
 
 optimizers = setup_optimizers(model, args, compute, lr_scale=args.init_lr_frac)
-checkpoint_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", model_tag)
+checkpoint_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", source["model_tag"])
 start_step, _, meta = resume_if_asked(parser, args, checkpoint_dir, model, optimizers, compute)
-# Rollouts need the KV-cache engine; the learning step's rows change length every step, so no torch.compile here.
-engine = Engine(model, tokenizer)
+engine = Engine(model, tokenizer)  # rollouts and pass@k go through the KV-cache engine, on the model itself
+orig_model = model
+model = prepare_model(model, compute, args.compile, dynamic=True)  # the rows change length every step: eager unless --compile 1
 question_order = list(range(len(train_task)))
 random.Random(args.seed).shuffle(question_order)  # the same order on every rank and every resume
 
-logger = StepLogger(compute, num_iterations, model.estimate_flops(), resumed_meta=meta, stage="rl")
-history = meta.get("history", {})  # step -> {metric: value}, kept across resumes
-last_stats = {}
 
-
-def evaluate(step):
-    model.eval()
+def evaluate():
+    """-> ({"pass@1": ..., "pass@k": ...} on held-out problems, how many problems)."""
+    orig_model.eval()
     correct = []
     with compute.autocast:
         solved, total = run_generative_eval(test_task, tokenizer, engine, args.eval_samples, args.max_new_tokens, args.temperature,
                                             args.top_k, max_problems=args.eval_examples, correct_samples=correct)
     solved, total, right_samples = all_reduce_sums([solved, total, sum(correct)], compute.device)
-    model.train()
-    metrics = {"pass@1": right_samples / max(total * args.eval_samples, 1), f"pass@{args.eval_samples}": solved / max(total, 1)}
-    history[str(step)] = metrics
-    print0(f"step {step:05d} | " + " | ".join(f"{key} {value:.4f}" for key, value in metrics.items()) + f" ({int(total)} held-out problems)")
-    compute.wandb.log({"step": step, **{f"val/{key}": value for key, value in metrics.items()}})
-    record_curve_point("rl", step, **metrics)
+    orig_model.train()
+    return {"pass@1": right_samples / max(total * args.eval_samples, 1), f"pass@{args.eval_samples}": solved / max(total, 1)}, total
 
 
-def step_fn(step, lr_multiplier):
-    started = time.time()
-    model.eval()
+def sample_rollouts(step):
+    """-> (this rank's rollouts of the step's questions, how many of its groups had all rewards equal)."""
+    orig_model.eval()
     rollouts, flat_groups = [], 0
     with compute.autocast:
         # the step's questions are dealt across ranks; seeds depend on the question, so any rank count samples the same
@@ -133,40 +122,50 @@ def step_fn(step, lr_multiplier):
             # all right or all wrong: every advantage is 0, the group costs sampling time and teaches nothing
             flat_groups += len({rollout.reward for rollout in group}) == 1
             rollouts += group
-    model.train()
-    sampled_at = time.time()
-    # one optimizer step over all of this step's rollouts (micro-batches of device_batch_size rows): strictly on-policy
-    batches = policy_gradient_batches(rollouts, args.device_batch_size, tokenizer.get_bos_token_id(), compute.device)
-    loss, positions = train_step(model, optimizers, iter(batches), len(batches), compute.autocast, lr_multiplier,
-                                 get_muon_momentum(step))
-    loss = loss.item()  # waits for the step, so the learning time is honest
-    learned_at = time.time()
+    orig_model.train()
+    return rollouts, flat_groups
+
+
+def rollout_stats(rollouts, flat_groups, sampling_time, learning_time):
+    """The step's figures over all ranks: mean reward, share of flat groups, completion length, tool calls, time split."""
     totals = all_reduce_sums([sum(r.reward for r in rollouts), len(rollouts), flat_groups, sum(r.completion_length for r in rollouts),
-                              sum(r.tool_calls for r in rollouts), sampled_at - started, learned_at - sampled_at], compute.device)
+                              sum(r.tool_calls for r in rollouts), sampling_time, learning_time], compute.device)
     reward, rows, flat, length, tool_calls, sampling_time, learning_time = totals
-    last_stats.update({"reward": reward / rows, "flat groups": flat / (args.examples_per_step), "length": length / rows,
-                       "tool calls": tool_calls / rows, "sampling share": sampling_time / (sampling_time + learning_time),
-                       "rollout tok/s": length / max(sampling_time / compute.world_size, 1e-9)})
-    compute.wandb.log({"step": step + 1, **{f"rl/{key.replace(' ', '_')}": value for key, value in last_stats.items()}})
-    record_curve_point("rl", step + 1, reward=last_stats["reward"])
-    return torch.tensor(loss), positions
+    return {"reward": reward / rows, "flat groups": flat / args.examples_per_step, "length": length / rows,
+            "tool calls": tool_calls / rows, "sampling share": sampling_time / (sampling_time + learning_time),
+            "rollout tok/s": length / max(sampling_time / compute.world_size, 1e-9)}
 
 
-def save(step):
-    save_training_state(checkpoint_dir, step, model, optimizers, None, {
-        "step": step, "model_config": dataclasses.asdict(model.config), "user_config": user_config,
-        "source": {"stage": args.source, "model_tag": model_tag, "step": source_meta["step"]}, "data": data_description,
-        "world_size": compute.world_size, "history": history,
-        "smooth_train_loss": logger.smooth_loss, "total_training_time": logger.total_time,
-    }, compute)
-
-
-run_training_loop(start_step, num_iterations, step_fn, logger, evaluate, save, args.eval_every, args.save_every,
-                  lambda step: 1.0 - step / num_iterations,
-                  extra_log=lambda: {"reward": f"{last_stats['reward']:.3f}", "flat groups": f"{100 * last_stats['flat groups']:.0f}%",
-                                     "len": f"{last_stats['length']:.0f}", "tools": f"{last_stats['tool calls']:.2f}",
-                                     "sampling": f"{100 * last_stats['sampling share']:.0f}%",
-                                     "rollout tok/s": f"{last_stats['rollout tok/s']:,.0f}"})
+logger = StepLogger(compute, num_iterations, orig_model.estimate_flops(), resumed_meta=meta, stage="rl")
+history = meta.get("history", {})  # step -> {metric: value}, kept across resumes
+stats = {}  # the last step's rollout figures
+for step in range(start_step, num_iterations + 1):
+    last_step = step == num_iterations
+    if is_due(step, args.eval_every, last_step):
+        history[str(step)], problems = evaluate()
+        logger.log_eval(step, history[str(step)], note=f" ({int(problems)} held-out problems)")
+    if last_step or (step > start_step and is_due(step, args.save_every, last_step)):
+        save_training_state(checkpoint_dir, step, orig_model, optimizers, None, compute, {
+            "user_config": user_config, "source": source, "data": data_description, "history": history, **logger.state_dict()})
+    if last_step:
+        break
+    lr_multiplier = 1.0 - step / num_iterations  # no warmup: the lr starts low already (--init-lr-frac), decays linearly to 0
+    with logger.timer:
+        started = time.time()
+        rollouts, flat_groups = sample_rollouts(step)
+        sampled_at = time.time()
+        # one optimizer step over all of this step's rollouts (micro-batches of device_batch_size rows): strictly on-policy
+        batches = policy_gradient_batches(rollouts, args.device_batch_size, tokenizer.get_bos_token_id(), compute.device)
+        loss, tokens = train_step(model, optimizers, iter(batches), len(batches), compute.autocast, lr_multiplier,
+                                  get_muon_momentum(step))
+        loss = loss.item()  # waits for the step, so the learning time is honest
+        stats = rollout_stats(rollouts, flat_groups, sampled_at - started, time.time() - sampled_at)
+        compute.wandb.log({"step": step + 1, **{f"rl/{key.replace(' ', '_')}": value for key, value in stats.items()}})
+        record_curve_point("rl", step + 1, reward=stats["reward"])
+    logger.log(step, loss, tokens, lr_multiplier, {
+        "reward": f"{stats['reward']:.3f}", "flat groups": f"{100 * stats['flat groups']:.0f}%", "len": f"{stats['length']:.0f}",
+        "tools": f"{stats['tool calls']:.2f}", "sampling": f"{100 * stats['sampling share']:.0f}%",
+        "rollout tok/s": f"{stats['rollout tok/s']:,.0f}"})
 
 first, last = history[min(history, key=int)], history[max(history, key=int)]
 print0(f"pass@1 on held-out problems: {first['pass@1']:.4f} before RL -> {last['pass@1']:.4f} after")
@@ -174,14 +173,14 @@ get_report().log(section="Chat RL", data=[
     user_config,
     {
         "Data": data_description,
-        "Source": f"{args.source} {model_tag} step {source_meta['step']}",
+        "Source": f"{args.source} {source['model_tag']} step {source['step']}",
         "Number of iterations": num_iterations,
         "Questions x samples per step": f"{args.examples_per_step} x {args.num_samples}",
         "DDP world size": compute.world_size,
         **{f"{key} before RL": value for key, value in first.items()},
         **{f"{key} after RL": value for key, value in last.items()},
-        "Final mean reward": last_stats.get("reward", "n/a"),
-        "Sampling share of step time": last_stats.get("sampling share", "n/a"),
+        "Final mean reward": stats.get("reward", "n/a"),
+        "Sampling share of step time": stats.get("sampling share", "n/a"),
         **logger.summary(),
     },
 ])

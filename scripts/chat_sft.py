@@ -13,7 +13,6 @@ rank (nanochat/training.py: train_step), so batch size, accumulation and world s
 Writes chatsft_checkpoints/<tag>/.
 """
 import argparse
-import dataclasses
 import os
 
 from nanochat.common import compute_cleanup, get_base_dir, print0
@@ -22,10 +21,11 @@ from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.task_eval import all_reduce_counts, run_categorical_eval, turn_end_rate
-from nanochat.tokenizer import get_token_bytes
-from nanochat.training import (StepLogger, add_optimizer_args, add_training_args, check_training_args, get_muon_momentum,
-                               init_compute, load_source_model, maybe_compile, resume_if_asked, run_training_loop, save_training_state,
-                               record_curve_point, setup_optimizers, train_step)
+from nanochat.training import get_muon_momentum, is_due, train_step
+from nanochat.training_log import StepLogger
+from nanochat.training_setup import (add_finetuning_args, add_optimizer_args, add_training_args, check_training_args, init_compute,
+                                     load_source_model, load_token_bytes, prepare_model, setup_optimizers)
+from nanochat.training_state import resume_if_asked, save_training_state
 from tasks.arc import ARC
 from tasks.arithmetic import Arithmetic
 from tasks.chatterbot import ChatterbotConversations
@@ -62,11 +62,7 @@ def sft_data(stand_ins, stand_in_size):
 parser = argparse.ArgumentParser(description="Supervised finetuning of the chat model")
 add_training_args(parser)
 add_optimizer_args(parser)
-parser.add_argument("--source", type=str, default="mid", choices=["base", "mid"], help="the stage to finetune (base skips midtraining)")
-parser.add_argument("--step", type=int, default=None, help="source checkpoint step (default: the latest)")
-parser.add_argument("--examples-per-step", type=int, default=32, help="conversations per optimizer step, over all ranks and micro-steps")
-parser.add_argument("--num-epochs", type=float, default=1.0, help="passes over the mixture when --num-iterations is -1")
-parser.add_argument("--init-lr-frac", type=float, default=0.02, help="every lr starts at this fraction of pretraining's, then decays linearly to 0")
+add_finetuning_args(parser, sources=["base", "mid"], default_source="mid", examples_per_step=32, init_lr_frac=0.02)  # base: skip mid
 parser.add_argument("--eval-steps", type=int, default=100, help="held-out micro-batches per val loss evaluation (at most one pass)")
 parser.add_argument("--eval-max-problems", type=int, default=256,
                     help="multiple-choice problems per accuracy evaluation (and at most 32 prompts for the turn-end check)")
@@ -77,13 +73,8 @@ check_training_args(parser, args, positive=("device_batch_size", "examples_per_s
 user_config = dict(vars(args))
 
 compute = init_compute(args)
-model, tokenizer, source_meta, max_seq_len = load_source_model(parser, args.source, args, compute)
-model_tag = source_meta["model_tag"]
-try:
-    token_bytes = get_token_bytes(device=compute.device)
-except (FileNotFoundError, ValueError) as e:  # a damaged tokenizer file: the message says to rerun tok_train
-    parser.error(str(e))
-flops_per_token = model.estimate_flops()
+model, tokenizer, source, max_seq_len = load_source_model(parser, args.source, args, compute)
+token_bytes = load_token_bytes(parser, compute)
 
 try:
     train_data, val_data, accuracy_tasks, data_description = sft_data(use_stand_ins(), args.stand_in_size)
@@ -102,15 +93,12 @@ print0(f"steps: {num_iterations:,} | conversations per step: {args.examples_per_
 # 2% of pretraining's learning rates: SFT's few thousand conversations should adjust the model, not
 # overwrite what pretraining put there (large steps on a small dataset overfit it and forget the rest)
 optimizers = setup_optimizers(model, args, compute, lr_scale=args.init_lr_frac)
-checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", model_tag)
+checkpoint_dir = os.path.join(get_base_dir(), "chatsft_checkpoints", source["model_tag"])
 start_step, loader_state, meta = resume_if_asked(parser, args, checkpoint_dir, model, optimizers, compute)
 orig_model = model
-model = maybe_compile(model, compute, args.compile, dynamic=True)  # row lengths change every micro-batch: eager unless --compile 1
+model = prepare_model(model, compute, args.compile, dynamic=True)  # row lengths change every micro-batch: eager unless --compile 1
 train_loader = SFTLoader(train_data, tokenizer, args.device_batch_size, max_seq_len, grad_accum_steps, device=compute.device,
                          resume_state=loader_state)
-
-logger = StepLogger(compute, num_iterations, flops_per_token, resumed_meta=meta, stage="sft")
-history = meta.get("history", {})  # step -> {metric: value}, kept across resumes
 turn_end_prompts = [val_data[i] for i in range(min(32, args.eval_max_problems, len(val_data)))]
 
 
@@ -125,12 +113,8 @@ def measure_turn_ends():
     return f"{ended}/{total}"
 
 
-# the source model's rate, measured once and kept in the checkpoint meta, so a resumed run compares against it too
-source_turn_ends = meta.get("source_turn_ends") or measure_turn_ends()
-print0(f"{args.source} model: replies ending with <|assistant_end|> within 96 tokens: {source_turn_ends}")
-
-
-def evaluate(step):
+def evaluate():
+    """-> {metric: value}: val bpb on held-out conversations, accuracy on each multiple-choice task."""
     model.eval()
     val_loader = SFTLoader(val_data, tokenizer, args.device_batch_size, max_seq_len, device=compute.device, single_pass=True)
     with compute.autocast:
@@ -140,29 +124,32 @@ def evaluate(step):
                                                                     args.eval_max_problems, compute.device), compute.device)
             metrics[f"{name} accuracy"] = passed / max(total, 1)
     model.train()
-    history[str(step)] = metrics
-    print0(f"step {step:05d} | " + " | ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
-    compute.wandb.log({"step": step, **{f"val/{key}": value for key, value in metrics.items()}})
-    record_curve_point("sft", step, **metrics)
+    return metrics
 
 
-def save(step):
-    save_training_state(checkpoint_dir, step, orig_model, optimizers, train_loader, {
-        "step": step, "model_config": dataclasses.asdict(orig_model.config), "user_config": user_config,
-        "source": {"stage": args.source, "model_tag": model_tag, "step": source_meta["step"]}, "data": data_description,
-        "world_size": compute.world_size, "max_seq_len": max_seq_len, "history": history, "source_turn_ends": source_turn_ends,
-        "smooth_train_loss": logger.smooth_loss, "total_training_time": logger.total_time,
-    }, compute)
+# the source model's rate, measured once and kept in the checkpoint meta, so a resumed run compares against it too
+source_turn_ends = meta.get("source_turn_ends") or measure_turn_ends()
+print0(f"{args.source} model: replies ending with <|assistant_end|> within 96 tokens: {source_turn_ends}")
 
-
-def step_fn(step, lr_multiplier):
-    return train_step(model, optimizers, train_loader, grad_accum_steps, compute.autocast, lr_multiplier, get_muon_momentum(step))
-
-
-# no warmup and no flat phase: the lr starts low already and decays linearly to 0
-run_training_loop(start_step, num_iterations, step_fn, logger, evaluate, save, args.eval_every, args.save_every,
-                  lambda step: 1.0 - step / num_iterations,
-                  extra_log=lambda: {"padded": f"{100 * train_loader.padded_fraction:.0f}%", "epoch": f"{train_loader.epoch_progress:.2f}"})
+logger = StepLogger(compute, num_iterations, orig_model.estimate_flops(), resumed_meta=meta, stage="sft")
+history = meta.get("history", {})  # step -> {metric: value}, kept across resumes
+for step in range(start_step, num_iterations + 1):
+    last_step = step == num_iterations
+    if is_due(step, args.eval_every, last_step):
+        history[str(step)] = evaluate()
+        logger.log_eval(step, history[str(step)])
+    if last_step or (step > start_step and is_due(step, args.save_every, last_step)):
+        save_training_state(checkpoint_dir, step, orig_model, optimizers, train_loader, compute, {
+            "user_config": user_config, "source": source, "data": data_description, "max_seq_len": max_seq_len,
+            "history": history, "source_turn_ends": source_turn_ends, **logger.state_dict()})
+    if last_step:
+        break
+    lr_multiplier = 1.0 - step / num_iterations  # no warmup and no flat phase: the lr starts low already, decays linearly to 0
+    with logger.timer:
+        loss, tokens = train_step(model, optimizers, train_loader, grad_accum_steps, compute.autocast, lr_multiplier,
+                                  get_muon_momentum(step))
+    logger.log(step, loss, tokens, lr_multiplier,
+               {"padded": f"{100 * train_loader.padded_fraction:.0f}%", "epoch": f"{train_loader.epoch_progress:.2f}"})
 
 turn_ends = measure_turn_ends()
 print0(f"SFT model: replies ending with <|assistant_end|> within 96 tokens: {turn_ends} ({args.source} model: {source_turn_ends})")
@@ -172,7 +159,7 @@ get_report().log(section="Chat SFT", data=[
     user_config,
     {
         "Data": data_description,
-        "Source": f"{args.source} {model_tag} step {source_meta['step']}",
+        "Source": f"{args.source} {source['model_tag']} step {source['step']}",
         "Conversations (train / held-out)": f"{len(train_data):,} / {len(val_data):,}",
         "Number of iterations": num_iterations,
         "Epochs": round(train_loader.epoch_progress, 3),

@@ -12,7 +12,6 @@ forces in (train_on="all"); SFT then narrows the loss to the assistant's turns.
 Reads the latest base checkpoint (--model-tag, --step), writes mid_checkpoints/<tag>/.
 """
 import argparse
-import dataclasses
 import math
 import os
 
@@ -20,10 +19,11 @@ from nanochat.common import compute_cleanup, get_base_dir, print0
 from nanochat.dataloader import ConversationLoader, render_at
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
-from nanochat.tokenizer import get_token_bytes
-from nanochat.training import (StepLogger, add_optimizer_args, add_training_args, check_training_args, get_grad_accum_steps,
-                               get_lr_multiplier, get_muon_momentum, init_compute, load_source_model, maybe_compile, resume_if_asked,
-                               record_curve_point, run_training_loop, save_training_state, setup_optimizers, train_step)
+from nanochat.training import get_grad_accum_steps, get_lr_multiplier, get_muon_momentum, is_due, train_step
+from nanochat.training_log import StepLogger
+from nanochat.training_setup import (add_optimizer_args, add_training_args, check_training_args, init_compute, load_source_model,
+                                     load_token_bytes, prepare_model, setup_optimizers)
+from nanochat.training_state import resume_if_asked, save_training_state
 from tasks.arithmetic import Arithmetic
 from tasks.chatterbot import ChatterbotConversations
 from tasks.common import TaskMixture, use_stand_ins
@@ -81,13 +81,8 @@ check_training_args(parser, args, positive=("device_batch_size", "total_batch_si
 user_config = dict(vars(args))
 
 compute = init_compute(args)
-model, tokenizer, source_meta, seq_len = load_source_model(parser, "base", args, compute)
-model_tag = source_meta["model_tag"]
-try:
-    token_bytes = get_token_bytes(device=compute.device)
-except (FileNotFoundError, ValueError) as e:  # a damaged tokenizer file: the message says to rerun tok_train
-    parser.error(str(e))
-flops_per_token = model.estimate_flops()
+model, tokenizer, source, seq_len = load_source_model(parser, "base", args, compute)
+token_bytes = load_token_bytes(parser, compute)
 
 stand_ins = use_stand_ins()
 try:
@@ -110,45 +105,42 @@ eval_steps = max(1, args.eval_tokens // (args.device_batch_size * seq_len * comp
 print0(f"steps: {num_iterations:,} | tokens per step: {args.total_batch_size:,} | grad accumulation: {grad_accum_steps}")
 
 optimizers = setup_optimizers(model, args, compute)
-checkpoint_dir = os.path.join(get_base_dir(), "mid_checkpoints", model_tag)
+checkpoint_dir = os.path.join(get_base_dir(), "mid_checkpoints", source["model_tag"])
 start_step, loader_state, meta = resume_if_asked(parser, args, checkpoint_dir, model, optimizers, compute)
 orig_model = model
-model = maybe_compile(model, compute, args.compile)
+model = prepare_model(model, compute, args.compile)
 train_loader = ConversationLoader(train_data, tokenizer, args.device_batch_size, seq_len, device=compute.device,
                                   resume_state=loader_state)
 
-logger = StepLogger(compute, num_iterations, flops_per_token, resumed_meta=meta, stage="mid")
-val_bpbs = meta.get("val_bpbs", {})  # step -> val bpb, kept across resumes
 
-
-def evaluate(step):
+def evaluate_val_bpb():
     model.eval()
     val_loader = ConversationLoader(val_data, tokenizer, args.device_batch_size, seq_len, device=compute.device, single_pass=True)
     with compute.autocast:
-        val_bpbs[str(step)] = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
+        bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
     model.train()
-    print0(f"step {step:05d} | val bpb {val_bpbs[str(step)]:.4f} (held-out conversations)")
-    compute.wandb.log({"step": step, "val/bpb": val_bpbs[str(step)]})
-    record_curve_point("mid", step, val_bpb=val_bpbs[str(step)])
+    return bpb
 
 
-def save(step):
-    save_training_state(checkpoint_dir, step, orig_model, optimizers, train_loader, {
-        "step": step, "model_config": dataclasses.asdict(orig_model.config), "user_config": user_config,
-        "source": {"stage": "base", "model_tag": model_tag, "step": source_meta["step"]}, "data": data_description,
-        "world_size": compute.world_size, "max_seq_len": seq_len, "val_bpbs": val_bpbs,
-        "smooth_train_loss": logger.smooth_loss, "total_training_time": logger.total_time,
-    }, compute)
-
-
-def step_fn(step, lr_multiplier):
-    return train_step(model, optimizers, train_loader, grad_accum_steps, compute.autocast, lr_multiplier, get_muon_momentum(step))
-
-
-# the lr holds at the base model's peak, then decays to zero: midtraining continues pretraining, it never warms up again
-run_training_loop(start_step, num_iterations, step_fn, logger, evaluate, save, args.eval_every, args.save_every,
-                  lambda step: get_lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, 0.0),
-                  extra_log=lambda: {"epoch": f"{train_loader.epoch_progress:.2f}"})
+logger = StepLogger(compute, num_iterations, orig_model.estimate_flops(), resumed_meta=meta, stage="mid")
+val_bpbs = meta.get("val_bpbs", {})  # step -> val bpb, kept across resumes
+for step in range(start_step, num_iterations + 1):
+    last_step = step == num_iterations
+    if is_due(step, args.eval_every, last_step):
+        val_bpbs[str(step)] = evaluate_val_bpb()
+        logger.log_eval(step, {"val bpb": val_bpbs[str(step)]}, note=" (held-out conversations)")
+    if last_step or (step > start_step and is_due(step, args.save_every, last_step)):
+        save_training_state(checkpoint_dir, step, orig_model, optimizers, train_loader, compute, {
+            "user_config": user_config, "source": source, "data": data_description, "max_seq_len": seq_len,
+            "val_bpbs": val_bpbs, **logger.state_dict()})
+    if last_step:
+        break
+    # the lr holds at the base model's peak, then decays to zero: midtraining continues pretraining, it never warms up again
+    lr_multiplier = get_lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, 0.0)
+    with logger.timer:
+        loss, tokens = train_step(model, optimizers, train_loader, grad_accum_steps, compute.autocast, lr_multiplier,
+                                  get_muon_momentum(step))
+    logger.log(step, loss, tokens, lr_multiplier, {"epoch": f"{train_loader.epoch_progress:.2f}"})
 
 steps_evaluated = sorted(val_bpbs, key=int)
 print0(f"done: val bpb {val_bpbs[steps_evaluated[-1]]:.4f} | training time {logger.summary()['Total training time']}")
@@ -156,7 +148,7 @@ get_report().log(section="Midtraining", data=[
     user_config,
     {
         "Data": data_description,
-        "Source": f"base {model_tag} step {source_meta['step']}",
+        "Source": f"base {source['model_tag']} step {source['step']}",
         "Conversations (train / held-out)": f"{len(train_data):,} / {len(val_data):,}",
         "Number of iterations": num_iterations,
         "Epochs": round(train_loader.epoch_progress, 3),

@@ -190,13 +190,15 @@ def test_grad_accum_and_schedule_helpers():
 def test_compile_is_used_where_it_was_measured_to_win():
     import types
 
-    from nanochat.training import maybe_compile
+    from nanochat.training_setup import prepare_model, should_compile
 
-    model = torch.nn.Linear(2, 2)
     compute = lambda device, dtype: types.SimpleNamespace(device=torch.device(device), dtype=dtype)
-    compiled = lambda result: result is not model
-    assert not compiled(maybe_compile(model, compute("cpu", torch.float32)))  # fp32 CPU: a wash, skipped
-    assert compiled(maybe_compile(model, compute("cpu", torch.bfloat16)))  # AMX bf16: faster steps
-    assert not compiled(maybe_compile(model, compute("cpu", torch.bfloat16), dynamic=True))  # SFT's changing shapes
-    assert compiled(maybe_compile(model, compute("cpu", torch.float32), "1"))
-    assert not compiled(maybe_compile(model, compute("cpu", torch.bfloat16), "0"))
+    assert not should_compile(compute("cpu", torch.float32))  # fp32 CPU: a wash, skipped
+    assert should_compile(compute("cpu", torch.bfloat16))  # AMX bf16: faster steps
+    assert should_compile(compute("cuda", torch.bfloat16)) and should_compile(compute("cuda", torch.float32))
+    assert not should_compile(compute("cpu", torch.bfloat16), dynamic=True)  # SFT's changing shapes
+    assert should_compile(compute("cpu", torch.float32), "1")
+    assert not should_compile(compute("cpu", torch.bfloat16), "0")
+    model = torch.nn.Linear(2, 2)
+    assert prepare_model(model, compute("cpu", torch.float32)) is model
+    assert prepare_model(model, compute("cpu", torch.float32), "1") is not model  # a compiled wrapper (compiles lazily)

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from nanochat.common import DummyWandb
-from nanochat.report import (PLOTS_HINT, SUMMARY_METRICS, Report, code_files, code_size, cost_line, curves_dir, format_wall_time, main,
-                             read_curve, read_stage_marker)
-from nanochat.training import Compute, StepLogger, record_curve_point
+from nanochat.curves import curves_dir, read_curve, record_curve_point
+from nanochat.report import PLOTS_HINT, SUMMARY_METRICS, Report, code_files, code_size, cost_line, format_wall_time, main
+from nanochat.training_log import StepLogger
+from nanochat.training_setup import Compute
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -116,17 +117,6 @@ def test_stage_markers_give_a_stage_table_and_the_total_is_their_sum(base_dir, c
     assert "| tok_train | 1m 02s |" in table and "'ARC-Easy\\|MMLU'" in table
     assert "broken" not in table
     assert "Total wall clock time: 1h 03m 07s (sum of 3 stages)" in text  # 62 + 3600.4 + 125 s
-
-
-def test_read_stage_marker_keeps_what_it_needs_and_refuses_the_rest(tmp_path):
-    path = tmp_path / "x.done"
-    path.write_text("stage: mid\nseconds: 12.5\nextra: ignored\n")  # no finished: the file's time orders it
-    marker = read_stage_marker(str(path))
-    assert marker["stage"] == "mid" and marker["seconds"] == 12.5 and marker["command"] == ""
-    for text in ["seconds: 3\n", "stage: mid\n", "stage: mid\nseconds: -1\n", "stage: mid\nseconds: nan\n"]:
-        path.write_text(text)
-        assert read_stage_marker(str(path)) is None
-    assert read_stage_marker(str(tmp_path / "missing.done")) is None
 
 
 def test_wall_time_format():
