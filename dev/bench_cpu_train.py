@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.common import COMPUTE_DTYPES, autocast_context, get_compute_dtype
+from nanochat.cpu_autograd import CPU_TRAINING_OPS
 from nanochat.gpt import GPT, model_config_from_depth
 from nanochat.training import train_step
 
@@ -112,7 +113,7 @@ def main():
         # the model base_train trains (value embeddings on: extra lookups and AdamW entries, no extra matmuls)
         config = dataclasses.replace(model_config_from_depth(depth, args.vocab_size, args.seq_len), value_embeds=bool(args.value_embeds))
         torch.manual_seed(0)
-        ours = GPT(config)
+        ours = GPT(config).use_ops(CPU_TRAINING_OPS)  # as training_setup.prepare_model sets it up on a CPU
         ours.init_weights()
         ours_optimizers = ours.setup_optimizers(compute_dtype=dtype)
         reference = ReferenceGPT(args.vocab_size, args.seq_len, config.n_layer, config.n_head, config.n_embd)

@@ -7,7 +7,8 @@ flags and this setup, so a flag means the same thing in every stage and is defin
 a default with parser.set_defaults() and adds its own flags after these.
 
 Every script calls prepare_model once it has its model (built or loaded, resumed weights in place): it is
-the one place for what training does to a model before stepping it (today: torch.compile where it pays).
+the one place for what training does to a model before stepping it: on a CPU, the speed layer of hand-written
+backwards (nanochat/cpu_autograd.py), and torch.compile where it pays.
 """
 from dataclasses import dataclass
 
@@ -17,6 +18,11 @@ import torch.distributed as dist
 from nanochat.checkpoint_manager import load_model
 from nanochat.common import COMPUTE_DTYPES, autocast_context, compute_init, get_compute_dtype, get_wandb, print0
 from nanochat.tokenizer import get_token_bytes
+
+try:  # a speed layer, optional: without it a CPU trains on the plain ops, only slower
+    from nanochat.cpu_autograd import CPU_TRAINING_OPS
+except ImportError:
+    CPU_TRAINING_OPS = None
 
 
 def add_training_args(parser):
