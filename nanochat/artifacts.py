@@ -24,9 +24,8 @@ import hashlib
 import json
 import os
 import secrets
+import sys
 from pickle import UnpicklingError
-
-import torch
 
 HASH_BLOCK_BYTES = 8 * 2**20  # big enough to run at hashlib's full speed, small enough to keep memory flat
 
@@ -147,15 +146,30 @@ def load_checked(path, record, load):
     check_file(path, record)
     try:
         return load(path)
-    except (MemoryError, torch.OutOfMemoryError, DamagedArtifactError):  # no fault of the file / a message already complete
+    except DamagedArtifactError:  # a message already complete
         raise
-    except UnpicklingError:
+    except Exception as e:
+        if out_of_memory(e):  # no fault of the file
+            raise
+        raise damaged(path, e) from None
+
+
+def out_of_memory(error):
+    """A MemoryError or torch's OutOfMemoryError. torch is looked up, not imported: speedrun.sh writes stage
+    markers through this module, and importing torch for that took ~2 s a stage."""
+    torch = sys.modules.get("torch")
+    return isinstance(error, MemoryError) or (torch is not None and isinstance(error, torch.OutOfMemoryError))
+
+
+def damaged(path, error):
+    """The DamagedArtifactError for a file whose bytes its parser refused with `error`."""
+    if isinstance(error, UnpicklingError):
         # torch.load(weights_only=True) met an object that is not a tensor or plain data: loading it would mean
         # running code named by the file, so it is refused, whatever its record says (a record is no signature)
-        raise DamagedArtifactError(f"{path} cannot be read: it is not a file of tensors and plain data (other objects "
-                                   f"are never loaded: unpickling them could run code)") from None
-    except ValueError as e:  # our own format checks (tokenizer, JSON): their first line names what is wrong
-        raise DamagedArtifactError(f"{path} is not valid: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
-    except Exception as e:  # a truncated zip, an unexpected EOF: whatever the parser says, the file is bad
-        # only the error's type: parsers' own messages run to paragraphs (torch's even suggests weights_only=False)
-        raise DamagedArtifactError(f"{path} cannot be read: its bytes do not parse ({type(e).__name__})") from None
+        return DamagedArtifactError(f"{path} cannot be read: it is not a file of tensors and plain data (other objects "
+                                    f"are never loaded: unpickling them could run code)")
+    if isinstance(error, ValueError):  # our own format checks (tokenizer, JSON): their first line names what is wrong
+        return DamagedArtifactError(f"{path} is not valid: {str(error).splitlines()[0][:300] if str(error) else type(error).__name__}")
+    # a truncated zip, an unexpected EOF: whatever the parser says, the file is bad. Only the error's type:
+    # parsers' own messages run to paragraphs (torch's even suggests weights_only=False)
+    return DamagedArtifactError(f"{path} cannot be read: its bytes do not parse ({type(error).__name__})")
