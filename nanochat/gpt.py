@@ -132,6 +132,12 @@ PLAIN_OPS = Ops()
 
 
 class CausalSelfAttention(nn.Module):
+    """
+    Multi-head attention where each token sees itself and the tokens before it. Queries, keys and values are
+    three projections of the normalised residual stream; with GQA (n_kv_head < n_head) several query heads
+    read the same key/value head, which is what a KV cache stores, so the cache shrinks by n_head / n_kv_head.
+    """
+
     def __init__(self, config, layer_idx):
         super().__init__()
         assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
@@ -173,6 +179,8 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The position-wise feed-forward: widen 4x, relu^2, project back. Two thirds of a block's weights live here."""
+
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
@@ -183,6 +191,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One layer: attention (tokens exchange information) then the MLP (each token computes on its own)."""
+
     def __init__(self, config, layer_idx):
         super().__init__()
         self.attn = CausalSelfAttention(config, layer_idx)
@@ -196,6 +206,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """
+    Token embedding -> n_layer blocks on a residual stream -> final norm -> head -> soft-capped logits.
+    The residual stream is an untouched running sum: each block reads a normalised copy and adds its output
+    back, so at init (zero output projections) the model is the identity plus a uniform head.
+    """
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -205,6 +221,8 @@ class GPT(nn.Module):
         })
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.x0_mixing:
+            # per-layer gains: block i reads a*x + b*x0, a way back to the token embedding that deep layers can
+            # use without the residual stream having to carry it (from the modded-nanogpt speedruns)
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
             self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         # value embeddings (ResFormer, https://arxiv.org/abs/2410.17897): a cheap lookup that gives attention a
