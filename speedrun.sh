@@ -46,7 +46,8 @@ command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
 if ! command -v bwrap >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     apt-get install -y -qq bubblewrap >/dev/null 2>&1 || echo "Could not install bubblewrap (apt-get install bubblewrap): model-written code will run in the weak sandbox."
 fi
-uv sync --python python3 --inexact --extra plots  # --inexact: keep extras such as the test tools; plots: report curves
+# --inexact: keep extras such as the test tools; plots: report curves; cpu-kernels: the chat server's CPU decode step
+uv sync --python python3 --inexact --extra plots --extra cpu-kernels
 source .venv/bin/activate
 # a wandb run needs a login: find out now, not after the tokenizer and the base model's setup
 if [ "$WANDB_RUN" != dummy ] && [ "${WANDB_MODE:-online}" = online ]; then
