@@ -6,7 +6,7 @@
 #     Target: >= 45% MFU at depth 20 on an H100.
 #  2. the pipeline: the real scripts end to end on CUDA at toy size, offline on the embedded sample and
 #     the stand-ins (tok_train -> base_train -> mid_train -> chat_sft -> chat_eval -> chat_rl -> chat_cli -> chat_web).
-#  3. serving: decode tok/s at depth 20 (batch 1 and 32, engine and scheduler) and the chat server under
+#  3. serving: decode tok/s at depth 20 (batch 1 and 32, Engine.generate and continuous batching) and the chat server under
 #     1/8/32 streaming clients (depth 12, random weights), all on CUDA.
 #     bash dev/gpu_check.sh                          # uses $PYTHON or python
 #     STEPS=30 DEPTHS="20" PIPELINE=0 SERVING=0 bash dev/gpu_check.sh
@@ -112,7 +112,7 @@ TAIL=8 run scripts.chat_rl --num-iterations 10 --examples-per-step 8 --num-sampl
     --eval-every 10 --eval-examples 32 --eval-samples 2
 TAIL=4 run scripts.chat_eval -i rl -a Arithmetic --max-problems 32 --max-new-tokens 96
 TAIL=4 run scripts.chat_cli -p "What is 12 times 4?" -t 0 --max-tokens 64
-# the server on CUDA: one OpenAI-style request through the scheduler (continuous batching) and back
+# the server on CUDA: one OpenAI-style request through continuous batching (nanochat/batching.py) and back
 TAIL=2 run dev.smoke_chat_web
 fi
 

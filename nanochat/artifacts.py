@@ -37,17 +37,22 @@ def atomic_write(path, mode="wb", encoding=None):
     (an exception removes the temporary file; a crash leaves only a `<name>.<random>.tmp` beside it).
     f.name is the temporary file's path, for checks that read back what was written before it lands.
     """
+    # The temporary file goes in the target's own directory, not /tmp: a rename is atomic only within one
+    # filesystem (across two, os.replace fails with EXDEV, and a copy could be seen half done).
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     # a fresh name per call (two ranks or threads may write the same path); "x" creates it, with the umask's
     # permissions (tempfile.mkstemp would make every artifact private to its owner)
     tmp_path = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
+        # "x": create, and fail should the name exist, so no one else's file is ever truncated or written into
         with open(tmp_path, mode.replace("w", "x"), encoding=encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())  # the data is on disk before the name points at it
+        # one system call: a reader opening `path` gets the old file or the new one, never a mixture
         os.replace(tmp_path, path)
+    # BaseException: a KeyboardInterrupt or SystemExit mid-write must clean up too
     except BaseException:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
@@ -70,6 +75,7 @@ def write_recorded(path, write, record_beside=False):
     """
     with atomic_write(path) as f:
         write(f)
+        # flushed first, or the hash would miss what is still in Python's buffer
         f.flush()
         record = file_record(f.name)
     if record_beside:
@@ -97,10 +103,12 @@ def check_file(path, record=None):
     if not os.path.exists(path):
         raise DamagedArtifactError(f"{path} is missing")
     size = os.path.getsize(path)
+    # an empty file is never a valid artifact, and is the usual trace of a full disk or a killed copy
     if size == 0:
         raise DamagedArtifactError(f"{path} is empty")
     if record is None:
         return
+    # the size first: free to check, and it catches truncation before seconds of hashing
     if size != record["bytes"]:
         raise DamagedArtifactError(f"{path} is {size:,} bytes but was saved with {record['bytes']:,} (truncated or overwritten)")
     if file_record(path)["sha256"] != record["sha256"]:
@@ -127,6 +135,7 @@ def read_sidecar(path):
 
 def read_json(path, required_keys=()):
     """A JSON object from path; DamagedArtifactError if it is missing, empty, not valid JSON or lacks a required key."""
+    # no record: the JSON files (metas, sidecars) are where records live, and they are checked by parsing
     check_file(path)
     try:
         with open(path, encoding="utf-8") as f:

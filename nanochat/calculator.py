@@ -23,6 +23,7 @@ The answer is the text `print()` would show, so a call gives the same text here 
 import ast
 import operator
 
+# checked before parsing: ast.parse itself takes time and memory in proportion to the text
 MAX_EXPRESSION_CHARS = 2000
 MAX_NODES = 500  # bounds the work of one call; a GSM8K annotation has a few dozen
 MAX_INT_BITS = 4096  # about 1,200 decimal digits, well under Python's 4,300-digit str() limit
@@ -37,14 +38,20 @@ class CalculatorError(ArithmeticError):
     """A whitelisted expression whose result would exceed the bounds (`9**9**9`)."""
 
 
+# The whitelist, as dispatch tables from syntax-tree node types to the Python operation they mean. A node type
+# that is not a key here (bit operators, matrix multiplication, walrus, lambda, comprehension, ...) is simply
+# never evaluated: _evaluate raises NotCalculable for it.
 BINARY_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
                     ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 UNARY_OPERATORS = {ast.UAdd: operator.pos, ast.USub: operator.neg, ast.Not: operator.not_}
 COMPARISONS = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
                ast.Gt: operator.gt, ast.GtE: operator.ge, ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b}
+# called by bare name only; there are no other names, so no variable or builtin outside this table is reachable
 FUNCTIONS = {"len": len, "abs": abs, "round": round, "min": min, "max": max, "sum": sum, "int": int, "float": float, "str": str}
 STRING_METHODS = {"count", "find", "rfind", "index", "upper", "lower", "strip", "lstrip", "rstrip", "startswith",
                   "endswith", "split", "replace", "isdigit", "isalpha", "isupper", "islower", "title", "capitalize"}
+# only methods that read: those that change a list in place (append, sort) return None, useless without a name
+# to hold the list
 LIST_METHODS = {"count", "index"}
 
 
@@ -80,13 +87,16 @@ def _check_size(value):
 def _check_binary(op, left, right):
     """Refuse an operation whose result would be huge before Python spends time and memory computing it."""
     is_int = lambda x: isinstance(x, int)  # bool is an int too, and harmless
+    # float powers need no check: they overflow to an OverflowError (or inf) at once, without building anything
     if op is ast.Pow and is_int(left) and is_int(right) and right > 0 and abs(left) > 1:
         # |left| ** right has about bit_length(left) * right bits
         if (abs(left).bit_length() - 1) * right > MAX_INT_BITS:
             raise CalculatorError(f"number too large (more than {MAX_INT_BITS} bits)")
     if op is ast.Mult:
+        # a product has at most bits(left) + bits(right) bits
         if is_int(left) and is_int(right) and left.bit_length() + right.bit_length() > MAX_INT_BITS + 1:
             raise CalculatorError(f"number too large (more than {MAX_INT_BITS} bits)")
+        # repetition: 'ab' * n or n * [1, 2] grows the sequence n times, in either operand order
         for sequence, count in ((left, right), (right, left)):
             if isinstance(sequence, (str, list, tuple)) and is_int(count) and _printed_length(sequence) * count > MAX_LENGTH:
                 raise CalculatorError(f"result too long (more than {MAX_LENGTH:,} characters)")
@@ -96,6 +106,7 @@ def _check_binary(op, left, right):
 
 
 def _call_method(receiver, name, arguments):
+    """receiver.name(*arguments) for the whitelisted methods of its type; NotCalculable for any other."""
     allowed = STRING_METHODS if isinstance(receiver, str) else LIST_METHODS if isinstance(receiver, (list, tuple)) else ()
     if name not in allowed:
         raise NotCalculable(f"method {name!r} of {type(receiver).__name__}")
@@ -107,6 +118,12 @@ def _call_method(receiver, name, arguments):
 
 
 def _evaluate(node):
+    """
+    The value of one syntax-tree node, evaluating its children first. Each accepted node is evaluated with
+    Python's own semantics (the operator module, the real builtins), so the result is what the sandbox would
+    print; only which nodes are accepted, and how big their results may get, is ours.
+    """
+    # constants of the four plain types only: no None, bytes, complex or Ellipsis
     if isinstance(node, ast.Constant) and type(node.value) in (int, float, str, bool):
         return _check_size(node.value)
     if isinstance(node, (ast.List, ast.Tuple)):
@@ -120,6 +137,7 @@ def _evaluate(node):
         _check_binary(type(node.op), left, right)
         return _check_size(BINARY_OPERATORS[type(node.op)](left, right))
     if isinstance(node, ast.UnaryOp) and type(node.op) in UNARY_OPERATORS:
+        # no size check: a sign or a `not` never makes a value bigger
         return UNARY_OPERATORS[type(node.op)](_evaluate(node.operand))
     if isinstance(node, ast.BoolOp):
         value = _evaluate(node.values[0])
@@ -130,6 +148,7 @@ def _evaluate(node):
             value = _evaluate(operand)
         return value
     if isinstance(node, ast.Compare) and all(type(op) in COMPARISONS for op in node.ops):
+        # a chain like 1 < x < 5 means (1 < x) and (x < 5), each operand evaluated once, stopping at the first False
         left = _evaluate(node.left)
         for op, comparator in zip(node.ops, node.comparators):
             right = _evaluate(comparator)
@@ -138,16 +157,19 @@ def _evaluate(node):
             left = right
         return True
     if isinstance(node, ast.IfExp):
+        # only the branch taken is evaluated, as in Python: `0 if n == 0 else 10 / n` never divides by zero
         return _evaluate(node.body) if _evaluate(node.test) else _evaluate(node.orelse)
     if isinstance(node, ast.Subscript):
         container = _evaluate(node.value)
         if not isinstance(container, (str, list, tuple)):
             raise NotCalculable("subscript of a non-sequence")
+        # an index or a slice never yields more than the container holds: no size check needed
         index = node.slice
         if isinstance(index, ast.Slice):
             parts = [None if part is None else _evaluate(part) for part in (index.lower, index.upper, index.step)]
             return container[slice(*parts)]
         return container[_evaluate(index)]
+    # calls with keyword arguments are not calculator syntax: they go to the sandbox
     if isinstance(node, ast.Call) and not node.keywords:
         arguments = [_evaluate(argument) for argument in node.args]
         if isinstance(node.func, ast.Name) and node.func.id in FUNCTIONS:
@@ -173,12 +195,15 @@ def calculate(code):
     if len(code) > MAX_EXPRESSION_CHARS:
         raise NotCalculable("too long for the calculator")
     try:
+        # mode="eval": one expression or a SyntaxError, so statements (import, def, assignments) never get here.
+        # ValueError: a null byte in the source; MemoryError/RecursionError: absurdly nested brackets.
         tree = ast.parse(code, mode="eval")
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         raise NotCalculable("not a single expression")
     if sum(1 for _ in ast.walk(tree)) > MAX_NODES:
         raise NotCalculable("too many operations for the calculator")
     try:
+        # str(): the text print() shows, so the engine gets the same output here as from the sandbox
         return str(_evaluate(tree.body))
     except RecursionError:
         raise CalculatorError("expression nested too deeply")

@@ -31,6 +31,7 @@ from nanochat.artifacts import DamagedArtifactError, atomic_write, load_checked,
 from nanochat.common import get_base_dir, logger
 from nanochat.gpt import GPT, GPTConfig
 
+# where each stage of the pipeline keeps its checkpoints, under the base dir; each holds one folder per model tag
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 
 
@@ -40,6 +41,7 @@ def _atomic_json_save(obj, path):
 
 
 def _model_path(checkpoint_dir, step):
+    # steps zero-padded to 6 digits: the files of a directory list in step order
     return os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
 
 
@@ -54,13 +56,17 @@ def _meta_path(checkpoint_dir, step):
 def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data, rank=0):
     """Every rank calls this: each writes its own optimizer_data (if any); rank 0 also writes model and meta."""
     os.makedirs(checkpoint_dir, exist_ok=True)
+    # Optimizer state is sharded (DistMuon/DistAdamW keep moments only for what each rank owns), so every rank
+    # must write its own. The weights are identical on every rank after each step, so one copy is enough.
     if optimizer_data is not None:
         write_recorded(_optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optimizer_data, f), record_beside=True)
     if rank == 0:
         model_path = _model_path(checkpoint_dir, step)
-        model_record = write_recorded(model_path, lambda f: torch.save(model_data, f))  # the record goes in the meta
+        # the record goes in the meta, not beside the model: one file fewer, and it lands in the same rename
+        model_record = write_recorded(model_path, lambda f: torch.save(model_data, f))
         meta_data = dict(meta_data, files={os.path.basename(model_path): model_record})
-        _atomic_json_save(meta_data, _meta_path(checkpoint_dir, step))  # last: marks the step complete
+        # last: the meta's existence is what marks the step complete (list_steps)
+        _atomic_json_save(meta_data, _meta_path(checkpoint_dir, step))
         logger.info(f"saved checkpoint step {step} to {checkpoint_dir}")
 
 
@@ -68,6 +74,7 @@ def list_steps(checkpoint_dir):
     """Steps whose save completed (their meta file exists), ascending. A listed step may still turn out damaged."""
     steps = []
     for path in glob.glob(os.path.join(checkpoint_dir, "meta_*.json")):
+        # fullmatch: a stray file like meta_old.json is not a step
         match = re.fullmatch(r"meta_(\d+)\.json", os.path.basename(path))
         if match:
             steps.append(int(match.group(1)))
@@ -84,6 +91,7 @@ def list_whole_steps(checkpoint_dir):
     whole = []
     for step in list_steps(checkpoint_dir):
         model_path = _model_path(checkpoint_dir, step)
+        # however many ranks saved this step: each shard is checked against its own record
         shards = glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt"))
         try:
             model_record = read_json(_meta_path(checkpoint_dir, step)).get("files", {}).get(os.path.basename(model_path))
@@ -104,6 +112,7 @@ def _damage_remedy(checkpoint_dir, step):
 
 
 def find_last_step(checkpoint_dir):
+    """The highest step whose save completed (its meta exists); FileNotFoundError when there is none."""
     steps = list_steps(checkpoint_dir)
     if not steps:
         raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir}; train first (or check the --model-tag)")
@@ -111,6 +120,7 @@ def find_last_step(checkpoint_dir):
 
 
 def list_tags(checkpoints_dir):
+    """The model tags (subfolders, e.g. d20) of a stage's checkpoints folder, sorted; [] when it does not exist."""
     if not os.path.isdir(checkpoints_dir):
         return []
     return sorted(d for d in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, d)))
@@ -121,6 +131,7 @@ def find_largest_model(checkpoints_dir):
     tags = list_tags(checkpoints_dir)
     if not tags:
         raise FileNotFoundError(f"no model tags in {checkpoints_dir}; the stage that writes it has not run yet")
+    # compared as numbers: as strings "d4" > "d20"
     depth_tags = [(int(m.group(1)), tag) for tag in tags if (m := re.fullmatch(r"d(\d+)", tag))]
     if depth_tags:
         return max(depth_tags)[1]
@@ -136,6 +147,7 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0, 
     if step not in steps:
         raise FileNotFoundError(f"no complete checkpoint for step {step} in {checkpoint_dir}; available steps: {steps or 'none'}")
     optim_path = _optim_path(checkpoint_dir, step, rank)
+    # a shard is per rank: resuming with another world size would hand rank r a slice it does not own
     if load_optimizer and not os.path.exists(optim_path):
         resumable = [s for s in list_whole_steps(checkpoint_dir) if os.path.exists(_optim_path(checkpoint_dir, s, rank))]
         raise FileNotFoundError(f"{optim_path} is missing: step {step} was saved with a different number of ranks "
@@ -169,10 +181,12 @@ def model_config_from_meta(model_config, meta_path):
     """The GPTConfig a meta's model_config describes, or ValueError listing every way it is not one we can build."""
     if not isinstance(model_config, dict):
         raise ValueError(f"{meta_path}: model_config must be an object, found {type(model_config).__name__}")
+    # every problem is collected before raising: one message lists them all, not one per attempt
     problems = [f"unknown key {key!r}" for key in model_config if key not in MODEL_CONFIG_BOUNDS and key not in MODEL_CONFIG_FLAGS]
     for key, (low, high) in MODEL_CONFIG_BOUNDS.items():
         value = model_config.get(key)
-        if type(value) is not int or not low <= value <= high:  # type(): a bool is an int, and True layers is no depth
+        # type(), not isinstance: a bool is an int, and True layers is no depth
+        if type(value) is not int or not low <= value <= high:
             problems.append(f"{key} must be an integer from {low} to {high:,} (found {value!r})")
     problems += [f"{flag} must be true or false (found {model_config[flag]!r})"
                  for flag in MODEL_CONFIG_FLAGS if flag in model_config and not isinstance(model_config[flag], bool)]
@@ -180,6 +194,7 @@ def model_config_from_meta(model_config, meta_path):
         n_embd, n_head, n_kv_head = model_config["n_embd"], model_config["n_head"], model_config["n_kv_head"]
         if n_embd % n_head or (n_embd // n_head) % 2:
             problems.append(f"n_embd {n_embd} must split into n_head {n_head} heads of an even width (rotary pairs channels)")
+        # grouped-query attention: each kv head serves n_head / n_kv_head query heads
         if n_head % n_kv_head:
             problems.append(f"n_kv_head {n_kv_head} must divide n_head {n_head}")
     if problems:
@@ -191,7 +206,8 @@ def check_state_dict(model, model_data, path):
     """Every tensor the model needs, with its shape, and nothing else: one message listing what differs."""
     if not isinstance(model_data, dict):
         raise ValueError(f"{path} holds a {type(model_data).__name__}, not a model's state dict")
-    found = {str(name).removeprefix("_orig_mod."): value for name, value in model_data.items()}  # torch.compile's prefix
+    # a state dict saved from a torch.compile wrapper names every tensor "_orig_mod.<name>"
+    found = {str(name).removeprefix("_orig_mod."): value for name, value in model_data.items()}
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     problems = [f"missing {name}" for name in expected if name not in found]
     problems += [f"unexpected {name}" for name in found if name not in expected]
@@ -208,7 +224,8 @@ def build_model(checkpoint_dir, step, device, phase):
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval' (got {phase!r})")
     from nanochat.tokenizer import get_tokenizer
-    tokenizer = get_tokenizer()  # first: a missing or damaged tokenizer is reported before seconds of building the model
+    # first: a missing or damaged tokenizer is reported before seconds of building the model
+    tokenizer = get_tokenizer()
     model_data, _, meta = load_checkpoint(checkpoint_dir, step, device, required_meta_keys=("model_config",))
     config = model_config_from_meta(meta["model_config"], _meta_path(checkpoint_dir, step))
     if tokenizer.get_vocab_size() != config.vocab_size:
@@ -219,12 +236,16 @@ def build_model(checkpoint_dir, step, device, phase):
     # the file's tensors are known to have the shapes the config implies
     with torch.device("meta"):
         model = GPT(config)
+    # the meta model knows every tensor's shape without holding any memory: the file is checked against it
     model_data = check_state_dict(model, model_data, _model_path(checkpoint_dir, step))
     # fp32 weights whatever was saved, as training expects; the chat front ends cast to bf16 themselves
     # (engine.prepare_for_inference)
     model_data = {k: v.float() if v.is_floating_point() else v for k, v in model_data.items()}
+    # to_empty allocates uninitialised memory; init_weights fills it, which matters for the rotary tables (buffers
+    # that are not saved); the weights it draws are overwritten next
     model.to_empty(device=device)
-    model.init_weights()  # rotary tables are not stored; the weights are overwritten next
+    model.init_weights()
+    # assign=True: the loaded tensors become the parameters, instead of being copied into the fresh ones
     model.load_state_dict(model_data, strict=True, assign=True)
     model.train(phase == "train")
     return model, tokenizer, meta
@@ -232,6 +253,7 @@ def build_model(checkpoint_dir, step, device, phase):
 
 def most_advanced_source():
     """The latest stage of the pipeline that has a complete checkpoint: rl, then sft, mid, base."""
+    # the pipeline order reversed: chat_cli and chat_web talk to the most finished model there is by default
     for source in ("rl", "sft", "mid", "base"):
         checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS[source])
         if any(list_steps(os.path.join(checkpoints_dir, tag)) for tag in list_tags(checkpoints_dir)):
@@ -244,6 +266,7 @@ def load_model(source, device, phase, model_tag=None, step=None):
     if source not in SOURCE_DIRS:
         raise ValueError(f"source must be one of {sorted(SOURCE_DIRS)} (got {source!r})")
     checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS[source])
+    # the defaults pick what a user most likely means: the biggest model of the stage, at its last step
     if model_tag is None:
         model_tag = find_largest_model(checkpoints_dir)
     checkpoint_dir = os.path.join(checkpoints_dir, model_tag)

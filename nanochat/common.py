@@ -13,12 +13,17 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+# Configured on import, once: every script imports this module, so every stage logs with one format and
+# timestamps, which is what makes the interleaved output of a long speedrun readable afterwards.
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 logger = logging.getLogger("nanochat")
 
 
 def get_base_dir():
-    """Where every artifact of a run lives: $NANOCHAT_BASE_DIR, default ~/.cache/nanochat."""
+    """
+    Where every artifact of a run lives: $NANOCHAT_BASE_DIR, default ~/.cache/nanochat. Stages hand their
+    results to each other only through files here (docs/artifacts.md), so one run is one directory.
+    """
     base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
     os.makedirs(base_dir, exist_ok=True)
     return base_dir
@@ -26,17 +31,23 @@ def get_base_dir():
 
 def get_dist_info():
     """(is_distributed, rank, local_rank, world_size), read from torchrun's environment."""
+    # From the environment, not from torch.distributed: it answers before the process group exists (and in
+    # processes that never join one), and every rank reads the same answer without talking to the others.
+    # RANK is global (0..world_size-1), LOCAL_RANK the process's index on its own machine: which GPU it drives.
     if all(key in os.environ for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
         return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     return False, 0, 0, 1
 
 
 def print0(*args, **kwargs):
+    """print on rank 0 only (eight ranks printing the same line is noise). flush: a line shows up at once even
+    when stdout is a pipe or a file (a log, a test capturing it), where Python would otherwise buffer it."""
     if get_dist_info()[1] == 0:
         print(*args, **kwargs, flush=True)
 
 
 def autodetect_device_type():
+    """The fastest device present: a CUDA GPU, then Apple's GPU (MPS), then the CPU."""
     if torch.cuda.is_available():
         return "cuda"
     if torch.backends.mps.is_available():
@@ -54,12 +65,14 @@ def cpu_has_fast_bf16():
     every rank of a distributed run decides the same.
     """
     try:
-        return bool(torch.cpu._is_amx_tile_supported())  # private, so tolerate it moving or failing
+        # private, so tolerate it moving or failing
+        return bool(torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
         return False
 
 
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # the --dtype choices
+# the --dtype choices
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def get_compute_dtype(device, requested="auto"):
@@ -81,7 +94,12 @@ def get_compute_dtype(device, requested="auto"):
 
 
 def autocast_context(device, dtype):
-    """bf16 compute with fp32 master weights; a no-op context for fp32."""
+    """
+    bf16 compute with fp32 master weights; a no-op context for fp32. Autocast casts the inputs of matmuls
+    (and other ops on its list) to bf16 as they run, while the parameters stay fp32 ("master weights", as in
+    Micikevicius et al. 2018, Mixed Precision Training). Why: bf16 has 8 bits of mantissa, so in a bf16 weight
+    an update smaller than ~1/256 of the weight would be rounded away entirely; fp32 keeps small steps adding up.
+    """
     if dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -104,7 +122,8 @@ def compute_init(device_type=None):
     torch.manual_seed(42)
     if device_type == "cuda":
         torch.cuda.manual_seed(42)
-        torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul left outside autocast
+        # TF32 for any fp32 matmul left outside autocast: tensor cores at a 10-bit mantissa instead of fp32's 23
+        torch.set_float32_matmul_precision("high")
     is_distributed, rank, local_rank, world_size = get_dist_info()
     if is_distributed and device_type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -114,6 +133,7 @@ def compute_init(device_type=None):
         dist.barrier()
     elif is_distributed:
         device = torch.device(device_type)
+        # gloo: torch's CPU backend (NCCL only moves CUDA tensors); how the tests run several ranks on one CPU
         dist.init_process_group(backend="gloo")
         dist.barrier()
     else:
@@ -124,6 +144,7 @@ def compute_init(device_type=None):
 
 
 def compute_cleanup():
+    """Leave the process group at the end of a script (a no-op when there is none)."""
     if dist.is_available() and dist.is_initialized():
         # let every rank arrive first: tearing gloo down while a peer is still writing files or
         # talking aborts that peer ("terminate called without an active exception")
@@ -177,6 +198,7 @@ def get_wandb(run_name, project="nanochat", config=None, master_process=True):
 
 def format_duration(seconds, separator=""):
     """3723.9 -> '1h02m03s' (log lines); with separator=" ", '1h 02m 03s' (the report). Whole seconds, truncated."""
+    # minutes and seconds zero-padded so that a column of elapsed times in the log lines up
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)

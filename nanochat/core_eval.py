@@ -38,7 +38,9 @@ import torch.nn.functional as F
 from nanochat.artifacts import atomic_write
 from nanochat.common import get_base_dir, logger
 
+# DCLM's task files and their metadata, as the original nanochat hosts them (downloaded once per base dir)
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+# waits of 1, 2, 4, 8 s between the attempts
 DOWNLOAD_RETRIES = 5
 
 # -----------------------------------------------------------------------------
@@ -75,6 +77,8 @@ def download_eval_bundle(url=EVAL_BUNDLE_URL, base_dir=None, retries=DOWNLOAD_RE
                 wait = 2 ** (attempt - 1)
                 logger.warning(f"download failed ({error}); retrying in {wait} s")
                 time.sleep(wait)
+    # unzipped into a fresh directory on the same filesystem, then moved into place with one rename: a crash
+    # mid-extraction leaves only that temporary directory, never an eval_bundle/ with half the task files
     unzip_dir = tempfile.mkdtemp(prefix="eval_bundle_unzip_", dir=base_dir)
     try:
         try:
@@ -97,6 +101,7 @@ def download_eval_bundle(url=EVAL_BUNDLE_URL, base_dir=None, retries=DOWNLOAD_RE
 
 def load_core_tasks(bundle_dir):
     """[{label, task_type, dataset_uri, num_fewshot, continuation_delimiter, random_baseline}] from core.yaml + eval_meta_data.csv."""
+    # imported here: only base_eval needs YAML, and no other module should pay for the import
     import yaml
 
     path = os.path.join(bundle_dir, "core.yaml")
@@ -112,6 +117,7 @@ def load_core_tasks(bundle_dir):
         for row in csv.DictReader(f):
             baselines[row["Eval Task"]] = float(row["Random baseline"])
     tasks = []
+    # core.yaml is in LLM Foundry's ICL format (the harness DCLM used); its fields are renamed to ours here
     for task in config["icl_tasks"]:
         if task["label"] not in baselines:
             raise ValueError(f"task {task['label']} has no row in eval_meta_data.csv")
@@ -119,6 +125,7 @@ def load_core_tasks(bundle_dir):
             "label": task["label"],
             "task_type": task["icl_task_type"],
             "dataset_uri": task["dataset_uri"],
+            # a list in the format (one run can try several shot counts); CORE fixes one per task
             "num_fewshot": task["num_fewshot"][0],
             "continuation_delimiter": task.get("continuation_delimiter", " "),
             "random_baseline": baselines[task["label"]],  # in percent
@@ -130,6 +137,8 @@ def load_task_data(bundle_dir, task, max_per_task=-1):
     """The task's examples, shuffled with a fixed seed (the files are often sorted) and cut to max_per_task."""
     with open(os.path.join(bundle_dir, "eval_data", task["dataset_uri"]), encoding="utf-8") as f:
         data = [json.loads(line) for line in f if line.strip()]
+    # a private Random: the global RNG is left alone, and every rank and every run gets the same order, so
+    # --max-per-task evaluates the same examples everywhere
     random.Random(1337).shuffle(data)
     return data[:max_per_task] if max_per_task > 0 else data
 
@@ -139,12 +148,17 @@ def load_task_data(bundle_dir, task, max_per_task=-1):
 
 def render_prompts_mc(item, delimiter, fewshot_examples):
     """One prompt per choice: few-shot examples, then the query, then the choice."""
+    # the few-shot examples are shown with their correct answers: they show the format and the kind of answer wanted
     prefix = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot_examples)
     return [f"{prefix}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
 
 
 def render_prompts_schema(item, delimiter, fewshot_examples):
-    """One prompt per context option, all ending in the same continuation."""
+    """
+    One prompt per context option, all ending in the same continuation. Winograd, for example: "The trophy does
+    not fit in the suitcase because the trophy" / "... because the suitcase" + " is too big.": the right referent
+    makes the shared ending more likely.
+    """
     prefix = "".join(f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}\n\n" for ex in fewshot_examples)
     return [f"{prefix}{context}{delimiter}{item['continuation']}" for context in item["context_options"]]
 
@@ -160,7 +174,10 @@ def render_prompts_lm(item, delimiter, fewshot_examples):
 
 
 def find_common_length(token_sequences, direction="left"):
-    """Length of the longest common prefix (left) or suffix (right) of the sequences."""
+    """
+    Length of the longest common prefix (left) or suffix (right) of the sequences. Found on the tokens, not the
+    strings: where the shared text ends, BPE may merge its last characters with what follows differently in each row.
+    """
     min_len = min(len(seq) for seq in token_sequences)
     indices = range(min_len) if direction == "left" else range(-1, -min_len - 1, -1)
     for i, idx in enumerate(indices):
@@ -174,6 +191,7 @@ def tokenize_prompts(tokenizer, task_type, prompts):
     # BOS first, as every pretraining document starts: the model is scored in the position it was trained in
     tokens = tokenizer.encode(prompts, prepend=tokenizer.get_bos_token_id())
     if task_type == "multiple_choice":  # the choices are what differs after the shared prefix
+        # tokens every choice shares at its start (say a leading " the") are left out of all of them alike
         start = find_common_length(tokens, "left")
         return tokens, [start] * len(tokens), [len(t) for t in tokens]
     if task_type == "schema":  # the continuation is the shared suffix
@@ -191,9 +209,11 @@ def crop_to_context(tokens, starts, ends, max_seq_len):
     """Drop tokens from the left of rows longer than the model's context, shifting the scored span."""
     if max_seq_len is None:
         return tokens, starts, ends
+    # from the left: the scored span sits at the end of each row, so what is lost is the start of the few-shot context
     new_tokens, new_starts, new_ends = [], [], []
     for t, s, e in zip(tokens, starts, ends):
         crop = max(0, len(t) - max_seq_len)
+        # at least one token must stay before the span: the first scored token is predicted from position s - 1
         if s - crop < 1:
             raise ValueError(f"a continuation of {e - s} tokens does not fit the model's context of {max_seq_len}")
         new_tokens.append(t[crop:])
@@ -204,7 +224,10 @@ def crop_to_context(tokens, starts, ends, max_seq_len):
 
 @torch.no_grad()
 def evaluate_example(model, tokenizer, data, idx, task, device, max_seq_len=None):
-    """True if the model gets example data[idx] right."""
+    """
+    True if the model gets example data[idx] right. All of the example's prompts (one per choice or context)
+    go through the model as one batch of rows: one forward pass per example.
+    """
     item = data[idx]
     fewshot = []
     if task["num_fewshot"] > 0:
@@ -221,20 +244,26 @@ def evaluate_example(model, tokenizer, data, idx, task, device, max_seq_len=None
     tokens, starts, ends = crop_to_context(tokens, starts, ends, max_seq_len)
 
     pad = tokenizer.get_bos_token_id()  # padding sits after every scored span, so its value never matters
+    # rows of different lengths in one [rows, T] batch, right-padded; attention is causal, so padding after a
+    # row's end changes nothing at the positions that are scored
     input_ids = torch.full((len(tokens), max(len(t) for t in tokens)), pad, dtype=torch.long)
     for i, t in enumerate(tokens):
         input_ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
     input_ids = input_ids.to(device)
+    # [rows, T, vocab]; in fp32, so the log-softmax behind each loss is not rounded to bf16's ~3 significant digits
     logits = model(input_ids).float()
     # the logits at position p predict token p+1, so the span start..end-1 is scored at start-1..end-2
     if task["task_type"] == "language_modeling":
         s, e = starts[0], ends[0]
+        # teacher forcing: each position sees the true tokens before it, so "greedy decoding reproduces the
+        # continuation" is the same as "the argmax at every position is the true next token", in one pass
         predicted = logits[0, s - 1 : e - 1].argmax(dim=-1)
         return bool(torch.equal(predicted, input_ids[0, s:e]))
     mean_losses = []
     for i, (s, e) in enumerate(zip(starts, ends)):
         loss = F.cross_entropy(logits[i, s - 1 : e - 1], input_ids[i, s:e], reduction="mean")
         mean_losses.append(loss.item())
+    # the lowest mean loss is the most likely choice; on a tie the first choice wins (list.index)
     return mean_losses.index(min(mean_losses)) == item["gold"]
 
 
@@ -242,6 +271,8 @@ def evaluate_task(model, tokenizer, data, task, device, max_seq_len=None):
     """Accuracy on one task. Under torch.distributed each rank takes every world_size-th example."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
+    # one slot per example, 0 until its rank fills it: summing the ranks' vectors gathers every result
+    # (each slot is written by exactly one rank), and the mean is over the whole task on every rank
     correct = torch.zeros(len(data), dtype=torch.float32, device=device)
     for idx in range(rank, len(data), world_size):
         correct[idx] = float(evaluate_example(model, tokenizer, data, idx, task, device, max_seq_len))
@@ -263,9 +294,11 @@ def evaluate_core(model, tokenizer, device, bundle_dir, max_per_task=-1, max_seq
         accuracy = evaluate_task(model, tokenizer, data, task, device, max_seq_len)
         baseline = 0.01 * task["random_baseline"]  # the CSV gives it in percent
         results[task["label"]] = accuracy
+        # chance -> 0, perfect -> 1 (the module docstring's "why centered")
         centered_results[task["label"]] = (accuracy - baseline) / (1.0 - baseline)
         log(f"[{number}/{len(tasks)}] {task['label']:<36} {task['num_fewshot']}-shot {task['task_type']:<18} "
             f"n={len(data):<5} accuracy {accuracy:.4f}  centered {centered_results[task['label']]:.4f}  "
             f"({time.time() - started:.1f} s)")
+    # every task weighs the same, however many examples it has
     core_metric = sum(centered_results.values()) / len(centered_results)
     return {"results": results, "centered_results": centered_results, "core_metric": core_metric}

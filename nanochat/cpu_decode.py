@@ -21,7 +21,10 @@ with weight_dtype=bfloat16, in bfloat16: half the bytes a step streams, with flo
 (`--dtype bfloat16` on a CPU without AMX, see engine.prepare_for_inference). The embedding, the value
 embeddings and the rotary tables are read where the model keeps them. The packed model is rebuilt when a
 weight changes: trained in place (RL samples from the model it trains), loaded from a checkpoint, or swapped
-by .to(); each step compares every weight's address and in-place version counter with the packed ones.
+by .to(). refresh() compares every weight's address and in-place version counter with the packed ones; the
+engine calls it once per reply, at its prefill (weights never change in the middle of a reply), because on
+every step it would cost ~4% of a batch-1 step at depth 4 (28 tensors' metadata, just pushed out of the CPU
+caches by the kernel's stream of weights: 11-28 us).
 
 Buffers, not addresses. Tensors go to Rust as numpy arrays over their memory; the extension checks each one's
 item type, contiguity, writability and shape against the model, and every token, slot and position against
@@ -103,11 +106,15 @@ class CPUDecoder:
 
     def weights_state(self):
         """Where each weight's memory is and its count of in-place changes: a training step, a load_state_dict or a
-        .to() changes one of them. The step's main fixed cost: 28 tensors at depth 4 take 13 us (bf16 panels) to
-        30 us (float32) per step, ~3% of a batch-1 step, as the kernel's stream of weights has pushed them out of the
-        CPU caches (5 us when warm)."""
+        .to() changes one of them."""
         tensors = [place[key] for place, key in self.places]
         return [tensor.data_ptr() for tensor in tensors], [tensor._version for tensor in tensors]
+
+    def refresh(self):
+        """Repack the weights if they changed since they were packed (or were never packed)."""
+        state = self.weights_state()
+        if state != self.packed_state:
+            self.pack(state)
 
     def step(self, tokens, cache, slots, positions):
         """
@@ -115,11 +122,10 @@ class CPUDecoder:
         key and value there in `cache` (float32 [n_layer, 2, num_slots, n_kv_head, capacity, head_dim], contiguous)
         and attends over positions 0..positions[r] of that slot. Rows of one slot at consecutive positions (a prompt
         as one step) are causal: every row's key is written before any row attends.
-        Returns float32 logits [B, V], soft-capped like GPT.forward's.
+        Returns float32 logits [B, V], soft-capped like GPT.forward's, of the weights as of the last refresh().
         """
-        state = self.weights_state()
-        if state != self.packed_state:
-            self.pack(state)
+        if self.kernels is None:
+            self.refresh()
         tokens = tokens.tolist() if torch.is_tensor(tokens) else tokens
         logits = numpy.empty((len(tokens), self.vocab), numpy.float32)  # ~1 us less than torch.empty(...).numpy()
         self.kernels.step(tokens, slots, positions, as_buffer(cache, "cache"), logits, torch.get_num_threads(),

@@ -38,27 +38,35 @@ from nanochat.common import get_base_dir
 
 # Where the shards live; a mirror can be used by setting NANOCHAT_DATA_URL (the tests point it at 127.0.0.1).
 BASE_URL = os.environ.get("NANOCHAT_DATA_URL", "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main")
-MAX_SHARD = int(os.environ.get("NANOCHAT_MAX_SHARD", "1822"))  # shards are shard_00000 ... shard_{MAX_SHARD}
-VAL_SHARD = MAX_SHARD  # pinned: the validation split is the dataset's last shard
+# The dataset's shards are shard_00000 ... shard_{MAX_SHARD}; the tests serve a tiny one and lower it.
+MAX_SHARD = int(os.environ.get("NANOCHAT_MAX_SHARD", "1822"))
+# Pinned to the last shard: train shards are fetched from 0 upwards, so however many a run downloads (-n),
+# its validation text is never one of its training shards, and runs of any size are scored on the same text.
+VAL_SHARD = MAX_SHARD
 DATA_DIR = os.path.join(get_base_dir(), "base_data")
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_data")
 
 
 def shard_name(index):
+    # zero-padded so that sorting the names sorts the shards: list_parquet_files relies on it
     return f"shard_{index:05d}.parquet"
 
 
 def use_sample():
+    """NANOCHAT_DATA=sample: use the embedded corpus even where shards were downloaded (offline, reproducible runs)."""
     return os.environ.get("NANOCHAT_DATA", "").lower() == "sample"
 
 
 def list_parquet_files(data_dir=None):
     """Sorted paths of the shards in data_dir; the embedded sample when there are none (or NANOCHAT_DATA=sample)."""
     data_dir = data_dir or DATA_DIR
+    # Sorted: every rank must see the same file list in the same order, or their strides over it would overlap.
+    # Files other than shard_*.parquet (the .tmp of a download in progress) are never data.
     if not use_sample() and os.path.isdir(data_dir):
         files = sorted(f for f in os.listdir(data_dir) if f.startswith("shard_") and f.endswith(".parquet"))
         if files:
             return [os.path.join(data_dir, f) for f in files]
+    # the fallback that lets every stage, and the test suite, run on a machine that has never downloaded anything
     return [os.path.join(SAMPLE_DIR, "train.parquet"), os.path.join(SAMPLE_DIR, "val.parquet")]
 
 
@@ -68,6 +76,7 @@ def split_files(split, data_dir=None):
         raise ValueError(f"split must be 'train' or 'val' (got {split!r})")
     files = list_parquet_files(data_dir)
     names = [os.path.basename(f) for f in files]
+    # chosen by name, not by position: with shards 0..7 downloaded the last file is shard 7, a train shard
     val_name = "val.parquet" if "val.parquet" in names else shard_name(VAL_SHARD)
     if split == "val":
         if val_name not in names:
@@ -85,6 +94,7 @@ def split_files(split, data_dir=None):
 
 def open_parquet(path):
     """Open a shard, turning the unhelpful arrow errors for damaged files into one that names the file."""
+    # a damaged shard is the usual cause of a crash hours into a run, so the error names the file and the fix
     try:
         parquet_file = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
@@ -97,6 +107,7 @@ def open_parquet(path):
 
 
 def read_row_group(parquet_file, path, row_group):
+    """The documents (str) of one row group. Only the `text` column is read: parquet stores columns apart."""
     try:
         return parquet_file.read_row_group(row_group, columns=["text"]).column("text").to_pylist()
     except (pa.ArrowException, OSError) as e:
@@ -116,9 +127,11 @@ def iter_row_groups(split, start=0, step=1, data_dir=None, after=None):
     first_file, last_row_group = after if after is not None else (0, None)
     for file_index in range(first_file, len(files)):
         path = files[file_index]
+        # opened lazily, one file at a time: only the footer is read here, the row groups when they are reached
         parquet_file = open_parquet(path)
         first_row_group = start
         if file_index == first_file and last_row_group is not None:
+            # the row group recorded was this rank's (start + k*step), so the next one of its stride is one step on
             first_row_group = last_row_group + step
         for row_group in range(first_row_group, parquet_file.num_row_groups, step):
             yield file_index, row_group, read_row_group(parquet_file, path, row_group)
@@ -134,9 +147,14 @@ def parquets_iter_batched(split, start=0, step=1, data_dir=None):
 # Downloading
 
 def is_valid_shard(path):
-    """A complete parquet file has its footer; a truncated download does not. Reading the footer is cheap."""
+    """
+    A complete parquet file has its footer; a truncated download does not. Reading the footer is cheap.
+    (Parquet writes its metadata, the schema and where each row group starts, at the END of the file, after
+    the magic bytes "PAR1": a file cut short anywhere has no readable footer.)
+    """
     try:
         parquet_file = pq.ParquetFile(path)
+        # an HTML error page saved under the shard's name fails here too: it has no parquet footer at all
         return "text" in parquet_file.schema_arrow.names and parquet_file.metadata.num_rows > 0
     except (pa.ArrowException, OSError):
         return False
@@ -149,9 +167,12 @@ class PermanentDownloadError(Exception):
 def fetch_once(url, f, timeout):
     """Stream url into the open file f; raise on any incomplete or failed transfer."""
     with urllib.request.urlopen(url, timeout=timeout) as response:
+        # a server that drops the connection mid-body ends the stream without an error: only comparing the byte
+        # count with Content-Length tells a truncated transfer from a finished one
         expected = response.headers.get("Content-Length")
         received = 0
         while True:
+            # 1 MiB at a time: a shard never sits in memory whole, and threads overlap their network waits
             chunk = response.read(1 << 20)
             if not chunk:
                 break
@@ -177,15 +198,19 @@ def download_shard(index, data_dir, base_url, max_attempts=5, retry_delay=2.0, t
     last_error = None
     for attempt in range(1, max_attempts + 1):
         try:
-            with atomic_write(path) as f:  # any failure below removes the partial file; path appears only when valid
+            # any failure below removes the partial file; path appears only when valid
+            with atomic_write(path) as f:
                 fetch_once(url, f, timeout)
+                # flushed so the check reads the file as it will land, footer included
                 f.flush()
                 if not is_valid_shard(f.name):
                     raise ValueError("the downloaded file is not a readable parquet shard")
             return "downloaded"
         except urllib.error.HTTPError as e:
             last_error = f"HTTP {e.code} {e.reason}"
-            if 400 <= e.code < 500 and e.code != 429:  # the file is not there; asking again won't help
+            # a 4xx means the request itself is wrong (no such shard): asking again won't help. 429 (Too Many
+            # Requests) is the exception: the host asks us to slow down, which the backoff below does.
+            if 400 <= e.code < 500 and e.code != 429:
                 raise PermanentDownloadError(f"{url}: {last_error}. Check NANOCHAT_DATA_URL / the shard index "
                                              f"(shards go from 0 to MAX_SHARD={MAX_SHARD})") from None
         except urllib.error.URLError as e:
@@ -193,6 +218,8 @@ def download_shard(index, data_dir, base_url, max_attempts=5, retry_delay=2.0, t
         except (OSError, ValueError, ConnectionError) as e:  # timeouts, resets, truncated bodies
             last_error = f"{type(e).__name__}: {e}"
         if attempt < max_attempts:
+            # exponential backoff (2, 4, 8, 16 s by default): a host that is overloaded or rate-limiting gets
+            # room to recover instead of being hammered by every worker at once
             delay = retry_delay * 2 ** (attempt - 1)
             tqdm.write(f"{name}: attempt {attempt}/{max_attempts} failed ({last_error}); retrying in {delay:.1f}s")
             time.sleep(delay)
@@ -204,12 +231,17 @@ def download_shards(indices, data_dir=None, base_url=None, num_workers=4, max_at
     data_dir = data_dir or DATA_DIR
     base_url = (base_url or BASE_URL).rstrip("/")
     os.makedirs(data_dir, exist_ok=True)
-    stale = [f for f in os.listdir(data_dir) if f.startswith("shard_") and f.endswith(".tmp")]  # atomic_write's temporaries
-    if stale:  # partial downloads of a run that was killed; they are never read, only in the way
+    # atomic_write's temporaries: partial downloads of a run that was killed (SIGKILL or a power cut skips the
+    # cleanup). They are never read as data, only in the way.
+    stale = [f for f in os.listdir(data_dir) if f.startswith("shard_") and f.endswith(".tmp")]
+    if stale:
         print(f"removing {len(stale)} partial download(s) left by an interrupted run")
         for f in stale:
             os.remove(os.path.join(data_dir, f))
     failures, counts = {}, {"downloaded": 0, "skipped": 0}
+    # One shard's failure is collected, not raised: the others still finish, and a rerun fetches only what is
+    # missing (finished shards are skipped after a cheap footer check).
+    # threads, not processes: the work is waiting on sockets and disks, during which the GIL is released
     with ThreadPoolExecutor(max_workers=num_workers) as pool:
         futures = {pool.submit(download_shard, i, data_dir, base_url, max_attempts, retry_delay): i for i in indices}
         with tqdm(total=len(futures), desc="shards", unit="shard") as progress:
@@ -235,6 +267,7 @@ def main():
     if args.num_workers < 1 or args.max_attempts < 1:
         parser.error("--num-workers and --max-attempts must be at least 1")
 
+    # train shards are 0..num_train-1 and never include VAL_SHARD (= MAX_SHARD): at most MAX_SHARD of them
     num_train = MAX_SHARD if args.num_files < 0 else min(args.num_files, MAX_SHARD)
     indices = list(range(num_train)) + [VAL_SHARD]
     data_dir = args.data_dir or DATA_DIR

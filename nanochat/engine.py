@@ -299,6 +299,8 @@ class Engine:
     def prefill(self, tokens, cache, slot):
         """The prompt `tokens` into `slot` of the cache (which must have room): -> fp32 logits [1, V] of its next token."""
         cache.reserve(len(tokens) + 1, self.cache_dtype, self.device)
+        if self.cpu_decoder is not None:
+            self.cpu_decoder.refresh()  # once per reply: RL trains the model between the replies it samples
         if self.cpu_decoder is not None and len(tokens) <= PREFILL_AS_STEP_MAX:
             cache.begin_step([slot] * len(tokens), range(len(tokens)))
             logits = self.cpu_decoder.step(tokens, cache.cache, cache.step_slots, cache.step_starts)[-1:]

@@ -74,6 +74,7 @@ SANDBOX_UID_RANGE = (1_000_000, 2_000_000)
 
 @dataclass
 class ExecutionResult:
+    """What one sandboxed run did. The engine turns it into the tool's output text (stdout, or `Error: <error>`)."""
     success: bool  # ran to the end with exit code 0
     stdout: str
     stderr: str
@@ -83,6 +84,7 @@ class ExecutionResult:
     output_truncated: bool = False
 
     def __repr__(self):
+        # the start of stdout (the answer comes first), the end of stderr (a traceback's last line names the error)
         parts = [f"success={self.success}", f"timeout={self.timeout}", f"memory_exceeded={self.memory_exceeded}"]
         if self.error:
             parts.append(f"error={self.error!r}")
@@ -225,13 +227,17 @@ _SYSCALL_NUMBERS = {
     "clone": (56, 220), "clone3": (435, 435), "socket": (41, 198), "personality": (135, 92),
     "fork": (57, None), "vfork": (58, None),  # aarch64 forks with clone only
 }
+# the calls above that are not refused by number alone: their own branch of the filter decides
 _DECIDED_ELSEWHERE = {"clone", "clone3", "socket", "personality", "fork", "vfork"}
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # EM_X86_64 / EM_AARCH64 | 64-bit | little-endian
 _X32_SYSCALL_BIT = 0x40000000  # x86-64's x32 ABI: the same architecture value, this bit set in the number
 _FIRST_UNREVIEWED_SYSCALL = 470  # file_setattr (469, Linux 6.17) is the newest call reviewed here
 _CLONE_NEW_NAMESPACES = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
 _CLONE_THREAD = 0x00010000
-# classic BPF: load a 32-bit word of struct seccomp_data, compare, return an action
+# Classic BPF (the packet-filter language the kernel also runs for seccomp): a list of instructions over one
+# accumulator, with forward jumps only, so every program terminates. The kernel runs it on every system call
+# and the first RETURN decides the call's fate. The opcodes used: load a 32-bit word of struct seccomp_data,
+# compare (jump if equal / at least / any bit set), return an action (allow, fail with an errno, kill)
 _LOAD, _JUMP_IF_EQUAL, _JUMP_IF_AT_LEAST, _JUMP_IF_ANY_BIT, _RETURN = 0x20, 0x15, 0x35, 0x45, 0x06
 _ALLOW, _ERRNO, _KILL_PROCESS = 0x7FFF0000, 0x00050000, 0x80000000
 _NR, _ARCH, _ARG0 = 0, 4, 16  # offsets in seccomp_data: int nr; u32 arch; u64 ip; u64 args[6] (low half first)
@@ -243,11 +249,15 @@ def _seccomp_architecture():
     return machine if machine in _AUDIT_ARCH and sys.maxsize > 2**32 else None
 
 
+# cached: every call uses one of these two programs, so each is built once per process
 @functools.lru_cache(maxsize=2)
 def _seccomp_filter(architecture, allow_fork):
     """The filter the module docstring describes, as bwrap's --seccomp reads it: an array of struct sock_filter."""
+    # the column of _SYSCALL_NUMBERS for this architecture: the same call has different numbers on each
     column = list(_AUDIT_ARCH).index(architecture)
     number = {name: numbers[column] for name, numbers in _SYSCALL_NUMBERS.items() if numbers[column] is not None}
+    # Built as (code, k, jump-if-true label, jump-if-false label); labels become relative offsets at the end,
+    # which is what a hand-written BPF program gets wrong most easily.
     program, labels = [], {}
 
     def op(code, k, true=None, false=None):  # `true`/`false`: where to jump, by label; None: the next instruction
@@ -256,8 +266,11 @@ def _seccomp_filter(architecture, allow_fork):
     def label(name):
         labels[name] = len(program)
 
+    # 1. the architecture: system call numbers mean different calls on different ABIs, so a filter that checked
+    #    numbers without it could be bypassed by making the same call through another ABI
     op(_LOAD, _ARCH)
     op(_JUMP_IF_EQUAL, _AUDIT_ARCH[architecture], false="kill")  # 32-bit calls (int 0x80) are numbered differently
+    # 2. the call number: too new or refused outright, or handed to a branch that reads its arguments
     op(_LOAD, _NR)
     if architecture == "x86_64":
         op(_JUMP_IF_AT_LEAST, _X32_SYSCALL_BIT, true="enosys")
@@ -271,7 +284,10 @@ def _seccomp_filter(architecture, allow_fork):
         refused += [name for name in ["fork", "vfork"] if name in number]
     for name in refused:
         op(_JUMP_IF_EQUAL, number[name], true="eperm")
+    # every call not named above is allowed: a blocklist of what an attacker wants, on top of namespaces that
+    # already hide the host; an allowlist would have to track every call CPython and its libraries make
     op(_RETURN, _ALLOW)
+    # 3. the branches that look at the first argument
     label("clone")
     op(_LOAD, _ARG0)  # the flags
     op(_JUMP_IF_ANY_BIT, _CLONE_NEW_NAMESPACES, true="eperm")
@@ -287,6 +303,8 @@ def _seccomp_filter(architecture, allow_fork):
     op(_LOAD, _ARG0)
     op(_JUMP_IF_EQUAL, 0, true="allow")  # PER_LINUX, the default
     op(_JUMP_IF_EQUAL, 0xFFFFFFFF, true="allow")  # a query, which changes nothing
+    # the actions; EPERM and ENOSYS make the call fail as the kernel itself would, so Python raises a normal
+    # OSError the program can handle, rather than the process dying mid-call
     label("eperm")
     op(_RETURN, _ERRNO | errno.EPERM)
     label("allow")
@@ -297,8 +315,10 @@ def _seccomp_filter(architecture, allow_fork):
     op(_RETURN, _KILL_PROCESS)
     instructions = []
     for index, (code, k, true, false) in enumerate(program):
+        # a jump offset counts the instructions skipped after this one: 0 is "fall through to the next"
         jumps = [labels[target] - index - 1 if target else 0 for target in (true, false)]
         assert all(0 <= jump < 256 for jump in jumps), "classic BPF jumps forward, at most 255 instructions"
+        # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k, in native byte order and without padding (8 bytes)
         instructions.append(struct.pack("=HBBI", code, *jumps, k))
     return b"".join(instructions)
 
@@ -318,6 +338,9 @@ def _cgroup_for_calls():
     NANOCHAT_SANDBOX_CGROUP names one (e.g. a systemd Delegate=yes subtree); otherwise we try our own cgroup."""
     path = os.environ.get("NANOCHAT_SANDBOX_CGROUP")
     if not path:
+        # Our own cgroup's directory: /proc/self/cgroup's "0::<path>" line gives it relative to the cgroup2
+        # hierarchy, and mountinfo says where that hierarchy is mounted (field 5) and which part of it the mount
+        # shows (field 4: inside a container, usually the container's own subtree, not the host's root).
         try:
             with open("/proc/self/mountinfo") as mounts:
                 cgroup2 = [fields for fields in map(str.split, mounts) if fields[fields.index("-") + 1] == "cgroup2"]
@@ -334,16 +357,21 @@ def _cgroup_for_calls():
             controllers = control.read().split()
     except OSError as error:
         return None, f"cannot read {path}/cgroup.subtree_control ({error.strerror})"
+    # subtree_control lists the controllers this cgroup hands to its children: without memory and pids there,
+    # memory.max and pids.max do not exist in a child, and the per-call limits could not be set
     if not {"memory", "pids"} <= set(controllers):
         return None, (f"the cgroup v2 {path} does not give its children the memory and pids controllers "
                       f"(cgroup.subtree_control: {' '.join(controllers) or 'empty'}); "
                       f"NANOCHAT_SANDBOX_CGROUP can name one that does")
+    # creating a child cgroup is a mkdir in this directory
     if not os.access(path, os.W_OK):
         return None, f"the cgroup v2 {path} is not writable by us"
     return path, None
 
 
 def _new_call_cgroup(parent, maximum_memory_bytes):
+    """A fresh cgroup for one call, its limits written before anything runs in it; returns its path."""
+    # the pid and a random suffix: concurrent calls, and calls of other processes, never share a name
     path = os.path.join(parent, f"nanochat-sandbox-{os.getpid()}-{secrets.token_hex(4)}")
     os.mkdir(path)
     # the program's memory and its files in the tmpfs (charged here too); processes: bwrap's two and its setup helper
@@ -353,13 +381,15 @@ def _new_call_cgroup(parent, maximum_memory_bytes):
             with open(os.path.join(path, name), "w") as control:
                 control.write(str(value))
         except FileNotFoundError:
-            if name != "memory.swap.max":  # (absent without swap accounting: then there is no swap to limit)
+            # absent without swap accounting: then there is no swap to limit
+            if name != "memory.swap.max":
                 raise
     return path
 
 
 def _remove_call_cgroup(path):
     """Kill what is left in the call's cgroup and remove it. True when the memory limit killed a process in it."""
+    # read first: the counters go with the directory
     with open(os.path.join(path, "memory.events")) as events:
         oom_kills = dict(line.split() for line in events).get("oom_kill", "0")
     with contextlib.suppress(OSError):  # cgroup.kill: Linux 5.14+; before, the end of the pid namespace does it
@@ -398,6 +428,8 @@ def _describe_containment(architecture, cgroup_parent, no_cgroup):
 
 def _python_runtime_mounts():
     """bwrap arguments that show the Python runtime, read-only, at the paths where it lives on the host."""
+    # read-only: the program can run everything there but change nothing. ld.so.cache lets the dynamic loader
+    # find libpython and libc without searching; "-try" because not every system has one
     arguments = ["--ro-bind", "/usr", "/usr", "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
     for top in ["/bin", "/sbin", "/lib", "/lib32", "/lib64"]:
         if os.path.islink(top):
@@ -420,6 +452,7 @@ def _python_runtime_mounts():
 
 
 def _bwrap_arguments(user_namespace, disable_nested_user_namespaces=True):
+    """bwrap's command line (without the seccomp and the program): namespaces, environment, mounts, working dir."""
     namespaces = ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if user_namespace:
         # --disable-userns (bwrap 0.8+) keeps the child from making user namespaces of its own: less kernel to attack
@@ -431,6 +464,9 @@ def _bwrap_arguments(user_namespace, disable_nested_user_namespaces=True):
     # No --new-session: bwrap's pid 1 then stays in the call's process group, where killpg reaches it and
     # _reap_process_group finds it. (That option keeps the child from injecting input into a terminal; bwrap starts
     # in a session of its own, with pipes for stdio, so there is no terminal.)
+    # --die-with-parent: if we die, the kernel kills the sandbox too (no orphan runs on unwatched). --clearenv and
+    # the --setenv list: the child sees none of our environment (API keys, tokens), only what it needs.
+    # --proc and --dev: a /proc of the sandbox's own PID namespace, a minimal /dev (null, zero, urandom, ...).
     return (namespaces + ["--die-with-parent", "--hostname", "sandbox", "--clearenv",
                           "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp", "--setenv", "TMPDIR", "/tmp",
                           "--setenv", "LANG", "C.UTF-8"]
@@ -442,6 +478,9 @@ def _bwrap_arguments(user_namespace, disable_nested_user_namespaces=True):
 @functools.lru_cache(maxsize=1)
 def find_sandbox():
     """Probe once per process for the strongest sandbox this host allows (one trial run each, ~0.1 s)."""
+    # Decided by trying, not by reading the kernel's settings: whether an unprivileged user namespace may be
+    # made depends on sysctls, AppArmor or SELinux policy and the container runtime's seccomp profile, and a
+    # trial run answers all of them at once.
     if os.environ.get("NANOCHAT_SANDBOX") == "weak":
         return Sandbox(False, "weak in-process guards only (NANOCHAT_SANDBOX=weak)")
     if not sys.platform.startswith("linux"):
@@ -458,7 +497,11 @@ def find_sandbox():
     def bwrap_sandbox(description, arguments, switch_user=False):
         return Sandbox(True, f"{description}; {containment}", arguments, switch_user, seccomp_filter, cgroup_parent)
 
+    # Strongest first; the first that runs `print(6 * 7)` correctly is the one used. Whether namespaces work
+    # depends on the kernel and on the container we are in, which only trying tells.
     candidates = []
+    # As root, bwrap can set up namespaces without a user namespace; the child then drops to a fresh uid, so
+    # RLIMIT_NPROC holds (Linux never enforces it for root, and inside a user namespace the child is root).
     if os.geteuid() == 0:
         candidates.append(bwrap_sandbox("bubblewrap (namespaces, child switched to an unprivileged uid)",
                                     _bwrap_arguments(user_namespace=False), switch_user=True))
@@ -487,6 +530,7 @@ def sandbox_is_strong():
 
 @functools.lru_cache(maxsize=1)
 def _warn_if_weak():
+    """Log once per process what contains model-written code: a warning when it is less than the full sandbox."""
     sandbox = find_sandbox()
     if sandbox.strong and sandbox.seccomp_filter is None:
         logger.warning(f"model-written code runs in {sandbox.description}")
@@ -501,6 +545,7 @@ def _read_capped(stream, chunks, cap, truncated_flag):
     """Read a pipe to the end, keep the first `cap` bytes, drop the rest (so the child never blocks on a full pipe)."""
     kept = 0
     while True:
+        # read1: return what is there now instead of waiting to fill 64 KB
         data = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
         if not data:
             break
@@ -513,6 +558,7 @@ def _read_capped(stream, chunks, cap, truncated_flag):
 
 
 def _write_program(stream, data):
+    """Send the program on the child's stdin, then close it: the prelude reads to end-of-file."""
     try:
         stream.write(data)
         stream.close()
@@ -523,6 +569,8 @@ def _write_program(stream, data):
 def _wait(process, timeout):
     """process.wait(timeout) without its polling: Popen.wait sleeps in steps that double up to 50 ms, so a call that
     ends after 17 ms is noticed at 32 ms. A pidfd (Linux 5.3+) wakes us the moment the child exits."""
+    # Measured (dev/BENCHMARKS.md, sandbox): with Popen.wait, p50 jumped between ~17 and ~33 ms from run to run;
+    # with the pidfd it stays at 17-19 ms.
     try:
         pidfd = os.pidfd_open(process.pid)
     except (AttributeError, OSError):  # not Linux, or too old: poll like Popen.wait
@@ -530,10 +578,12 @@ def _wait(process, timeout):
     try:
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
+        # the pidfd becomes readable when the process exits; poll's timeout is in milliseconds
         if not poller.poll(timeout * 1000):
             raise subprocess.TimeoutExpired(process.args, timeout)
     finally:
         os.close(pidfd)
+    # returns at once now; it also records the exit status on the Popen object
     return process.wait()
 
 
@@ -559,10 +609,15 @@ def _reap_process_group(process_group):
 
 
 def _run(sandbox, code, timeout, maximum_memory_bytes, max_output_bytes):
+    """One call in `sandbox`: start the child, feed it the program, collect its output, always kill and reap."""
+    # A backstop behind the wall-clock timeout: a program with several threads burns CPU seconds faster than
+    # wall seconds, and RLIMIT_CPU (SIGXCPU or SIGKILL) stops it even if our own wait were to fail.
     cpu_seconds = int(timeout) + 1
     sandbox_uid = secrets.randbelow(SANDBOX_UID_RANGE[1] - SANDBOX_UID_RANGE[0]) + SANDBOX_UID_RANGE[0] if sandbox.switch_user else 0
     limits = [str(int(maximum_memory_bytes)), str(cpu_seconds), str(MAX_FILE_BYTES), str(MAX_PROCESSES),
               str(MAX_OPEN_FILES), str(sandbox_uid)]
+    # The base interpreter, not the venv's: under bwrap only /usr and the base prefix are mounted, so a path inside
+    # the venv would not exist there (and the child needs no site-packages: it runs with -S).
     python = os.path.realpath(sys._base_executable if hasattr(sys, "_base_executable") else sys.executable)
     # -I: ignore PYTHON* variables, user site-packages and the current directory; -S: no site-packages at all
     child = [python, "-I", "-S", "-X", "utf8", "-c", _CHILD_PRELUDE] + limits
@@ -599,6 +654,8 @@ def _run(sandbox, code, timeout, maximum_memory_bytes, max_output_bytes):
             for fd in passed_fds:
                 os.close(fd)  # the child has its copy
         stdout_chunks, stderr_chunks, truncated = [], [], []
+        # A thread per pipe: writing stdin while nobody reads stdout would deadlock as soon as both pipe buffers
+        # fill (64 KB each on Linux), with the child blocked on its write and us on ours.
         threads = [threading.Thread(target=_write_program, args=(process.stdin, code.encode("utf-8", "replace")), daemon=True),
                    threading.Thread(target=_read_capped, args=(process.stdout, stdout_chunks, max_output_bytes, truncated), daemon=True),
                    threading.Thread(target=_read_capped, args=(process.stderr, stderr_chunks, max_output_bytes, truncated), daemon=True)]
@@ -618,11 +675,15 @@ def _run(sandbox, code, timeout, maximum_memory_bytes, max_output_bytes):
                 pass
             process.wait()
             _reap_process_group(process.pid)
+        # The pipes close when the last process holding them dies, which the kill above ensured; one second in all
+        # bounds the wait should a descendant have escaped the group. The threads are daemons: none can hang us.
         deadline = time.monotonic() + 1.0
         for thread in threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
     stdout = b"".join(stdout_chunks).decode("utf-8", errors="replace")
     stderr = b"".join(stderr_chunks).decode("utf-8", errors="replace")
+    # RLIMIT_AS makes an allocation fail, which Python raises as MemoryError; the cgroup's OOM killer leaves no
+    # traceback, only its count in memory.events
     memory_exceeded = "MemoryError" in stderr or any(oom_killed)
     return_code = process.returncode
     if timed_out:
@@ -633,6 +694,7 @@ def _run(sandbox, code, timeout, maximum_memory_bytes, max_output_bytes):
     elif memory_exceeded:
         error = f"memory limit of {maximum_memory_bytes // (1024 * 1024)} MB exceeded"
     elif return_code != 0:
+        # a traceback's last line is the exception and its message: the part worth showing the model
         last_line = stderr.strip().splitlines()[-1] if stderr.strip() else ""
         error = last_line or f"exit code {return_code}"
     else:
@@ -653,4 +715,5 @@ def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024, max_
     return _run(sandbox, code, timeout, maximum_memory_bytes, max_output_bytes)
 
 
+# the weak sandbox on its own, whatever this host allows: the tests and dev/bench_sandbox.py pass it to compare
 WEAK_SANDBOX = Sandbox(False, "weak in-process guards only")

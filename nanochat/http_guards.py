@@ -38,6 +38,7 @@ class RequestError(Exception):
 
 
 def error_response(error, headers=None):
+    """The JSON error body OpenAI's API uses, so an OpenAI client library shows the message as it is."""
     body = {"error": {"message": error.message, "type": "invalid_request_error", "param": error.param, "code": error.code}}
     return JSONResponse(body, status_code=error.status, headers=headers)
 
@@ -51,7 +52,10 @@ async def refuse(scope, receive, send, error, **fields):
 
 # ---- JSON shape: bounded before json.loads ------------------------------------------------------
 
+# every byte except the five that give JSON its structure: bytes.translate(None, NOT_STRUCTURE) deletes them all
+# in one pass in C, leaving only brackets and commas
 NOT_STRUCTURE = bytes(byte for byte in range(256) if byte not in b"[]{},")
+# how each structural byte changes the nesting depth; the running sum over the bytes is the depth at each point
 NESTING_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1, ord(","): 0}
 
 
@@ -66,6 +70,7 @@ def check_json_shape(raw_body, max_depth, max_values):
     # drop escaped backslashes, then escaped quotes: every quote left opens or closes a string. (A regex for
     # strings with escapes is no shortcut: on 1 MB of \" it backtracks quadratically, for hours.)
     unescaped = raw_body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # every string has an opening and a closing quote
     strings = unescaped.count(b'"') // 2
     if strings > max_values:
         raise RequestError(f"request body has more than {max_values} JSON values ({strings} strings)", None,
@@ -75,6 +80,7 @@ def check_json_shape(raw_body, max_depth, max_values):
     if len(structure) > max_values:
         raise RequestError(f"request body has more than {max_values} JSON values ({len(structure)} brackets and "
                            f"commas)", None, "json_too_many_values")
+    # the deepest point of the running sum; cheap now that `structure` holds at most max_values bytes
     if max(accumulate(map(NESTING_STEP.get, structure)), default=0) > max_depth:
         raise RequestError(f"request body nests arrays/objects more than {max_depth} levels deep", None, "json_too_deep")
 
@@ -94,6 +100,7 @@ def refuse_large_bodies(app, max_bytes):
         declared = dict(scope["headers"]).get(b"content-length")  # h11 has checked it is a number
         if declared is not None and int(declared) > max_bytes:
             return await refuse(scope, receive, send, too_large, content_length=int(declared))
+        # ASGI hands the body over in pieces as it arrives; each is counted before the next is awaited
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -105,6 +112,7 @@ def refuse_large_bodies(app, max_bytes):
                 return await refuse(scope, receive, send, too_large, received=size)
             if not message.get("more_body", False):
                 break
+        # the app still expects to receive() its body: replay what was read, as one piece
         body, replayed = b"".join(chunks), False
 
         async def replay_receive():  # the body once, then what the client does next (a disconnect)
@@ -137,16 +145,20 @@ def h11_with_request_deadline(seconds):
             self.start_deadline()  # the next request on this keep-alive connection gets its own time
 
         def connection_lost(self, exc):
+            # a timer left behind would fire on a closed connection and keep the protocol object alive
             self.deadline.cancel()
             super().connection_lost(exc)
 
         def start_deadline(self):
             if self.deadline is not None:
                 self.deadline.cancel()
+            # call_later: a timer on the event loop, no thread; it fires once, `seconds` from now
             self.deadline = self.loop.call_later(seconds, self.drop_if_request_incomplete)
 
         def drop_if_request_incomplete(self):
             # a request fully received and being answered (a long stream, say) keeps its connection
+            # uvicorn's cycle is the request being answered: it exists once the headers are in, and more_body
+            # says the body is still arriving
             request_received = self.cycle is not None and not self.cycle.more_body and not self.cycle.response_complete
             if not request_received and not self.transport.is_closing():
                 logger.info(f"dropped a connection: no complete request within {seconds} s (--request-timeout)")
@@ -157,11 +169,13 @@ def h11_with_request_deadline(seconds):
 
 # ---- browsers: cross-site requests and DNS rebinding ---------------------------------------------
 
+# the Host names a browser sends for this machine; IPv6 literals keep their brackets in a Host header
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}
 
 
 def is_loopback(host):
     """Whether a --host address is reachable only from this machine."""
+    # 127.0.0.0/8 is all loopback, not only 127.0.0.1
     return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
@@ -203,6 +217,8 @@ def cross_site_problem(scheme, method, headers, hosts, origins):
                             f"--allowed-hosts adds others)", "Host", "host_not_allowed", status=421)
     # browsers send Origin with every cross-origin request and every POST: a page elsewhere cannot leave it out
     origin = headers.get(b"origin", b"").decode("latin-1").lower()
+    # no Origin: not a browser's cross-origin request (curl, a script, a same-origin GET), which CORS does not cover.
+    # The page's own requests carry this server's origin, scheme://host as the client addressed it.
     if origin and origin != f"{scheme}://{host.lower()}" and origin not in origins and "*" not in origins:
         return RequestError(f"cross-origin requests from {origin} are refused (--cors-origins allows them)",
                             "Origin", "origin_not_allowed", status=403)
@@ -231,6 +247,7 @@ def refuse_cross_site_requests(app, hosts, origins):
 def inline_hashes(html, tag):
     """CSP source expressions ('sha256-...') for the text of each inline <tag> element of html."""
     # the browser hashes the text after its HTML parser turned CR LF (and lone CR) into LF
+    # re.S: the element's text spans lines; *? stops at the first closing tag, so each element is hashed alone
     texts = [text.replace("\r\n", "\n").replace("\r", "\n") for text in re.findall(rf"<{tag}[^>]*>(.*?)</{tag}>", html, re.S)]
     return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()}'" for text in texts) or "'none'"
 
@@ -244,6 +261,8 @@ def security_headers(page_html):
     policy = (f"default-src 'none'; script-src {inline_hashes(page_html, 'script')}; "
               f"style-src {inline_hashes(page_html, 'style')}; connect-src 'self'; base-uri 'none'; "
               f"form-action 'none'; frame-ancestors 'none'")
+    # X-Frame-Options: frame-ancestors for browsers that predate CSP; nosniff: a response is only ever read as the
+    # type it declares (a JSON reply cannot be run as a script); no-referrer: links leak nothing of the page's URL
     return {"Content-Security-Policy": policy, "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
             "Referrer-Policy": "no-referrer"}
 
@@ -257,6 +276,7 @@ def add_headers(app, headers):
             return await app(scope, receive, send)
 
         async def send_with_headers(message):
+            # the headers travel in the first message of a response; the body messages that follow have none
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
@@ -270,6 +290,7 @@ def guard(app, page_html, max_body_bytes, hosts, origins):
     Host, a foreign Origin or a non-JSON POST refused from the headers; CORS answers for the --cors-origins
     (Starlette's middleware: preflights, Access-Control-Allow-Origin); a large body refused as it arrives.
     """
+    # wrapped inside out: the last wrapper applied is the first to see a request
     app = refuse_large_bodies(app, max_body_bytes)
     if origins:
         app = CORSMiddleware(app, allow_origins=sorted(origins), allow_methods=["GET", "POST"], allow_headers=["*"],

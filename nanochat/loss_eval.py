@@ -34,12 +34,15 @@ def evaluate_bpb(model, batches, steps, token_bytes):
             inputs, targets = next(batch_iter)
         except StopIteration:
             break
+        # per-token cross-entropy in nats (natural log), flattened to [B*T]; 0 where the target is -1
         loss = model(inputs, targets, loss_reduction="none").reshape(-1).float()
         targets = targets.reshape(-1)
         valid = targets >= 0
+        # clamp: -1 is not an index; those positions are zeroed by the where anyway
         num_bytes = torch.where(valid, token_bytes.to(targets.device)[targets.clamp(min=0)], 0)
         # special tokens (0 bytes) are not text: their loss is left out too, or it would be spread over other tokens' bytes
         total_nats += torch.where(num_bytes > 0, loss, 0.0).sum()
+        # both sums stay on the device: no .item() per batch, so the GPU is never made to wait mid-loop
         total_bytes += num_bytes.sum()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)

@@ -42,15 +42,20 @@ def zeropower_via_newtonschulz5(G, steps=5, dtype=None):
     """
     assert G.ndim in (2, 3)
     a, b, c = NS_COEFFICIENTS
+    # The iteration only needs singular values in (0, 1] to start from, and the polynomial is cheap to
+    # apply in low precision: the result only has to be roughly orthogonal, not exact.
     dtype = dtype or (torch.bfloat16 if G.is_cuda else torch.float32)
     X = G.to(dtype)
     X = X.unsqueeze(0) if G.ndim == 2 else X
     transposed = X.size(1) > X.size(2)
     if transposed:
         X = X.mT  # iterate on the wide side: X @ X^T is the smaller square
-    X = X / (X.norm(dim=(1, 2), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    # spectral norm <= Frobenius norm, so after this every singular value is <= 1; 1e-7 guards an all-zero matrix
+    X = X / (X.norm(dim=(1, 2), keepdim=True) + 1e-7)
     # the polynomial acts on the singular values only (X X^T X = U S^3 V^T): U and V are kept
     for _ in range(steps):
+        # A = X X^T is [rows, rows], rows being the smaller side; then X <- a X + (b A + c A^2) X,
+        # i.e. a X + b (X X^T) X + c (X X^T)^2 X: the quintic a*s + b*s^3 + c*s^5 on each singular value
         A = X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A in one call
         X = torch.baddbmm(X, B, X, beta=a)  # a*X + B@X
@@ -65,7 +70,8 @@ def muon_update(grad, momentum_buffer, momentum, nesterov=True, ns_steps=5, ns_d
     Momentum, then orthogonalise, then scale so tall matrices get the same per-element update size as
     square ones. grad/momentum_buffer: one matrix or a stack of same-shape matrices; grad is overwritten.
     """
-    momentum_buffer.lerp_(grad, 1 - momentum)  # buf = m * buf + (1 - m) * grad
+    # buf = m * buf + (1 - m) * grad: an exponential moving average of the gradients, in place
+    momentum_buffer.lerp_(grad, 1 - momentum)
     # Nesterov: step along (1 - m) * grad + m * buf, a look-ahead by one step of momentum
     update = grad.lerp_(momentum_buffer, momentum) if nesterov else momentum_buffer
     update = zeropower_via_newtonschulz5(update, steps=ns_steps, dtype=ns_dtype)
@@ -84,20 +90,25 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=None):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
+        # one param group per shape, whatever groups the caller passed: stacking needs same-shape matrices
         super().__init__(_muon_param_groups(params), defaults)
-        self.ns_dtype = ns_dtype  # not a group setting: a resumed run follows its own --dtype, not the checkpoint's
+        # not a group setting: a resumed run follows its own --dtype, not the checkpoint's
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
             params = group["params"]
+            # [n, rows, cols]; a parameter with no gradient this step (unused) contributes zeros, so the stack
+            # keeps its shape and the momentum buffer stays aligned with the parameters
             grads = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
             state = self.state[params[0]]  # keyed on the group's first matrix: torch's state_dict wants a param key
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(grads)
             updates = muon_update(grads, state["momentum_buffer"], group["momentum"], group["nesterov"], group["ns_steps"],
                                   self.ns_dtype)
-            # no weight decay here: --weight-decay applies to the AdamW groups only
+            # no weight decay here: --weight-decay applies to the AdamW groups only.
+            # _foreach: one fused call for the whole group instead of a Python loop of n small adds
             torch._foreach_add_(params, list(updates.unbind(0)), alpha=-group["lr"])
 
 
@@ -118,14 +129,17 @@ class DistMuon(Muon):
         for group in self.param_groups:
             params = group["params"]
             for base in range(0, len(params), world_size):
+                # matrix base + r of the group is rank r's to orthogonalise
                 chunk = params[base:base + world_size]
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in chunk]
-                grads += [torch.zeros_like(grads[0])] * (world_size - len(chunk))  # pad the last chunk
+                # pad the last chunk: the collective needs world_size slots, whether or not a matrix fills each
+                grads += [torch.zeros_like(grads[0])] * (world_size - len(chunk))
                 stacked = torch.stack(grads)
                 owned_grad = torch.empty_like(grads[0])
                 work = _reduce_scatter_avg(owned_grad, stacked, world_size)
                 pending.append((group, chunk, owned_grad, work))
-        # phase 2: update the owned matrix, then all_gather the results
+        # phase 2: update the owned matrix, then all_gather the results. Waiting on the reduce_scatters in
+        # launch order: while rank r runs Newton-Schulz on one matrix, later reductions are still in flight.
         gathers = []
         for group, chunk, owned_grad, work in pending:
             if work is not None:
@@ -142,9 +156,11 @@ class DistMuon(Muon):
                 owned_param = p.detach()
             else:
                 owned_param = torch.zeros_like(chunk[0])  # padding slot: nothing to update
+            # every rank sends its updated matrix and receives all world_size of them, in rank order
             gathered = torch.empty((world_size, *chunk[0].shape), dtype=chunk[0].dtype, device=chunk[0].device)
             work = _all_gather(gathered, owned_param.contiguous(), world_size)
             gathers.append((chunk, gathered, work))
+        # phase 3: every rank's copy of every matrix becomes the owner's updated one (padding slots are dropped)
         for chunk, gathered, work in gathers:
             if work is not None:
                 work.wait()
@@ -171,6 +187,7 @@ class DistAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             params = group["params"]
             flat_grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+            # ceil(numel / world_size): the zero padding makes the vector split into world_size equal slices
             shard_size = -(-flat_grad.numel() // world_size)
             flat_grad = torch.nn.functional.pad(flat_grad, (0, shard_size * world_size - flat_grad.numel()))
             owned_grad = torch.empty(shard_size, dtype=flat_grad.dtype, device=flat_grad.device)
@@ -195,17 +212,21 @@ class DistAdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             # decoupled weight decay (Loshchilov & Hutter 2019, AdamW): shrink the weights, not the gradient
             owned_param.mul_(1 - group["lr"] * group["weight_decay"])
+            # Adam (Kingma & Ba 2015): m = EMA of the gradient, v = EMA of its square, step = lr * m / (sqrt(v) + eps)
             state["exp_avg"].lerp_(owned_grad, 1 - beta1)
             state["exp_avg_sq"].mul_(beta2).addcmul_(owned_grad, owned_grad, value=1 - beta2)
+            # both EMAs start at 0, so early on they underestimate; dividing by 1 - beta^step undoes that bias
             bias_correction1 = 1 - beta1 ** step
             bias_correction2 = 1 - beta2 ** step
             denom = (state["exp_avg_sq"].sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])
             owned_param.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias_correction1)
+            # flat_param is reused as the receive buffer: after the gather it holds every rank's updated slice
             work = _all_gather(flat_param, owned_param, world_size)
             gathers.append((params, flat_param, work))
         for params, flat_param, work in gathers:
             if work is not None:
                 work.wait()
+            # unflatten: each parameter takes back its own stretch of the vector (the padding at the end is dropped)
             offset = 0
             for p in params:
                 p.copy_(flat_param[offset:offset + p.numel()].view_as(p))
@@ -213,12 +234,14 @@ class DistAdamW(torch.optim.Optimizer):
 
 
 def make_adamw(param_groups, betas, eps, weight_decay, distributed):
+    """AdamW for the embedding, head and scalars: DistAdamW under torchrun, torch's own otherwise."""
     if distributed:
         return DistAdamW(param_groups, betas=betas, eps=eps, weight_decay=weight_decay)
     return torch.optim.AdamW(param_groups, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 def make_muon(params, lr, momentum, distributed, ns_dtype=None):
+    """Muon for the block matrices: DistMuon under torchrun, Muon otherwise (same settings, same maths)."""
     return (DistMuon if distributed else Muon)(params, lr=lr, momentum=momentum, ns_dtype=ns_dtype)
 
 
@@ -240,12 +263,19 @@ def _group_by_shape(params):
 
 
 def _rank_and_world_size():
+    # (0, 1) without a process group: the Dist* optimizers then run alone, which is how the tests compare them
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def _reduce_scatter_avg(output, stacked, world_size):
+    """
+    Start averaging `stacked` over ranks, rank r receiving only slice r (into `output`); returns a handle to
+    wait() on, or None when there is nothing to wait for. A ring all-reduce is exactly a reduce_scatter then an
+    all_gather; ZeRO-1 puts the optimizer update between the two, so each rank updates (and keeps state for)
+    only its slice, for the same traffic as a plain all-reduce of the gradients.
+    """
     if world_size == 1:
         output.copy_(stacked.view_as(output))
         return None
@@ -256,6 +286,7 @@ def _reduce_scatter_avg(output, stacked, world_size):
 
 
 def _all_gather(output, owned, world_size):
+    """Start gathering every rank's `owned` into `output`, in rank order; a handle to wait() on, or None."""
     if world_size == 1:
         output.view(-1)[:owned.numel()].copy_(owned.reshape(-1))
         return None

@@ -31,9 +31,12 @@ from nanochat.common import format_duration, get_base_dir, get_dist_info
 from nanochat.curves import curves_dir, read_curve
 from nanochat.stage_markers import read_stage_markers, stages_dir
 
+# the checkout this file lives in: git and the code-size count run there, whatever directory a stage ran from
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# pipeline order of the sections; a section not listed here goes at the end, in the order written
+# Pipeline order of the sections; a section not listed here goes at the end, in the order written. The order is
+# fixed here rather than taken from when each section was written: a stage rerun after a fix rewrites its
+# section later, and the report would otherwise read out of order.
 SECTION_ORDER = [
     "Tokenizer training",
     "Tokenizer evaluation",
@@ -57,16 +60,19 @@ SUMMARY_STAGES = {"base": ["Base model evaluation", "Chat evaluation base"], "mi
 # so this says which benchmark each one stands in for (tasks/wordnet_mc.py copies MMLU's format,
 # tasks/arithmetic.py GSM8K's). "<metric> (stand-in)" for a metric of the table maps to itself.
 STAND_IN_KEYS = {"WordNet-MC (stand-in)": "MMLU", "Arithmetic (stand-in)": "GSM8K", "ChatCORE (stand-ins)": "ChatCORE"}
+# appended to a stand-in's cell, and explained once under the table
 STAND_IN_MARK = " *"
 STAND_IN_FOOTNOTE = ("\\* offline stand-in task, not the real benchmark (NANOCHAT_DATA=sample: WordNet-MC for MMLU, "
                      "synthetic arithmetic for GSM8K)")
 
 # the price of one 8xH100 node per hour (on-demand, 2025; adjust with --hourly-rate or NANOCHAT_HOURLY_RATE)
 DEFAULT_NODE_HOURLY_RATE = 24.0
+# the rate is quoted per node, the run is billed per GPU: a run on fewer GPUs pays its share of a node
 GPUS_PER_NODE = 8
 
-# the code whose size the header reports: what `git ls-files` tracks with these endings, or, without git
-# (a tarball), these folders and the top-level files
+# The code whose size the header reports: what `git ls-files` tracks with these endings, or, without git
+# (a tarball), these folders and the top-level files. A repository meant to be read stays small only if its
+# size is watched, so every report card records it next to the results it produced.
 CODE_EXTENSIONS = (".py", ".rs", ".sh", ".md", ".toml", ".html")
 CODE_FOLDERS = ("nanochat", "scripts", "tasks", os.path.join("rustbpe", "src"))
 # stands in the header for the code's token count when `reset` runs before the tokenizer is trained
@@ -78,10 +84,13 @@ PLOTS_HINT = "install matplotlib (`uv sync --extra plots`) for training-curve pl
 
 
 def slugify(text):
+    """A section title as a file name: 'Chat evaluation sft' -> 'chat-evaluation-sft'."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def _format_value(value):
+    # 4 decimals for metrics (a bpb or an accuracy moves in the third digit); thousands separators for counts.
+    # bool is an int subclass: True stays "True", not "1".
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.0f}"
     if isinstance(value, int) and not isinstance(value, bool):
@@ -95,6 +104,8 @@ def format_wall_time(seconds):
 
 
 def _run(command, cwd=REPO_ROOT):
+    """A command's stdout, stripped, or "" when it cannot run (no git, not a checkout): the header then says unknown."""
+    # the timeout: a git waiting on a lock, or a hung network filesystem, must not hold up the report
     try:
         return subprocess.run(command, capture_output=True, text=True, timeout=10, cwd=cwd).stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -106,6 +117,7 @@ def _run(command, cwd=REPO_ROOT):
 
 
 def git_info():
+    """(short commit, branch, dirty): which code produced the run, and whether it had uncommitted changes."""
     commit = _run(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
     dirty = bool(_run(["git", "status", "--porcelain"]))
     branch = _run(["git", "rev-parse", "--abbrev-ref", "HEAD"]) or "unknown"
@@ -113,6 +125,7 @@ def git_info():
 
 
 def cpu_model():
+    """The CPU's model name: on a CPU run, the timings in the report are this CPU's."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -139,12 +152,14 @@ def ram_bytes():
 
 
 def gpu_count():
+    """Visible CUDA devices on this machine; 0 on a CPU run (the cost line then says n/a)."""
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def gpu_info():
+    """GPU name(s), memory of the first, and the CUDA version torch was built with."""
     import torch
 
     count = gpu_count()
@@ -157,6 +172,7 @@ def gpu_info():
 
 
 def hardware_info():
+    """{label: value} for the header's Environment list: host, platform, CPU, RAM, GPUs and versions."""
     import torch
 
     ram = ram_bytes()
@@ -172,6 +188,7 @@ def code_files(repo_root=REPO_ROOT):
     """The repository's source files (paths relative to repo_root): git's tracked ones, else a walk of CODE_FOLDERS."""
     listed = _run(["git", "ls-files", "-z"], cwd=repo_root)  # -z: names exactly as they are, never quoted
     if listed:
+        # tracked files only: checkpoints, venvs and caches in the checkout are not code
         paths = [p for p in listed.split("\0") if p.endswith(CODE_EXTENSIONS)]
     else:
         paths = [n for n in os.listdir(repo_root) if n.endswith(CODE_EXTENSIONS)]
@@ -187,8 +204,10 @@ def code_size(paths, repo_root=REPO_ROOT, tokenizer=None):
     """{files, lines, characters, tokens}; tokens (under our tokenizer) is None without one."""
     texts = []
     for path in paths:
+        # errors="replace": a stray non-UTF-8 byte in one file must not cost the whole header
         with open(os.path.join(repo_root, path), encoding="utf-8", errors="replace") as f:
             texts.append(f.read())
+    # tokens under the run's own tokenizer: how much of a model's context the whole code would fill
     tokens = sum(len(ids) for ids in tokenizer.encode(texts)) if tokenizer is not None and texts else None
     return {"files": len(texts), "lines": sum(t.count("\n") for t in texts), "characters": sum(len(t) for t in texts),
             "tokens": tokens}
@@ -206,6 +225,7 @@ def load_trained_tokenizer():
 
 
 def format_code_size(size):
+    """The header's code line. Tokens stay pending when reset runs before the tokenizer exists."""
     tokens = f"{size['tokens']:,} tokens (our tokenizer)" if size["tokens"] is not None else f"tokens {TOKENS_PENDING}"
     return f"{size['files']:,} files, {size['lines']:,} lines, {size['characters']:,} characters, {tokens}"
 
@@ -226,8 +246,10 @@ def fill_pending_token_count(header, repo_root=REPO_ROOT):
 
 
 def stage_times_table(markers):
+    """A markdown table of the stage markers: stage, wall time and the exact command each stage ran."""
     rows = ["| Stage | Wall time | Command |", "|---|---|---|"]
     for m in markers:
+        # a failed optional stage (CORE offline) still cost its time: it stays in the table, marked
         stage = m["stage"] if m.get("result", "done") == "done" else f"{m['stage']} ({m['result']}, optional)"
         command = m["command"].replace("|", "\\|")  # a pipe inside `-a 'ARC-Easy|MMLU'` would split the cell
         rows.append(f"| {stage} | {format_wall_time(m['seconds'])} | `{command}` |" if command else
@@ -240,6 +262,7 @@ def stage_times_table(markers):
 
 
 def hourly_rate_from_env():
+    """$ per hour of an 8-GPU node: $NANOCHAT_HOURLY_RATE, or the default (ValueError when it is not a number)."""
     return float(os.environ.get("NANOCHAT_HOURLY_RATE", DEFAULT_NODE_HOURLY_RATE))
 
 
@@ -247,6 +270,7 @@ def cost_line(hours, num_gpus, node_hourly_rate):
     """GPU-hours x price: node_hourly_rate buys 8 GPUs for an hour, so a GPU-hour costs an eighth of it."""
     if num_gpus == 0:
         return "Estimated cost: n/a (CPU run)"
+    # e.g. 4 h on 8 GPUs at $24/h per node: 4 x 24 x 8 / 8 = $96
     cost = hours * node_hourly_rate * num_gpus / GPUS_PER_NODE
     return (f"Estimated cost: ${cost:,.2f} ({num_gpus} GPUs x {hours:.2f} h = {hours * num_gpus:.2f} GPU-hours, "
             f"at ${node_hourly_rate:g}/h per {GPUS_PER_NODE}-GPU node)")
@@ -258,16 +282,20 @@ def cost_line(hours, num_gpus, node_hourly_rate):
 
 def plot_curve(stage, points, png_path):
     """One panel per recorded quantity (train loss, val bpb, reward, pass@1...) against the step, into png_path."""
+    # imported here: matplotlib is optional, and the rest of the report works without it
     import matplotlib
 
     matplotlib.use("Agg")  # draw into files: no display needed (a server, a container)
     import matplotlib.pyplot as plt
 
     recorded = {name for values in points.values() for name in values}
+    # one panel per quantity, side by side: train loss and val bpb have different scales and steps (evals are sparse)
     names = [n for n in CURVE_ORDER if n in recorded] + sorted(recorded - set(CURVE_ORDER))
+    # squeeze=False: axes is always 2-D, even for a stage that recorded a single quantity
     figure, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), squeeze=False)
     for ax, name in zip(axes[0], names):
         steps = [s for s in sorted(points) if name in points[s]]
+        # markers only on sparse curves (a few evals), where a line alone would hide how few points there are
         ax.plot(steps, [points[s][name] for s in steps], marker="o" if len(steps) < 30 else None, markersize=3)
         ax.set_title(f"{stage}: {name.replace('_', ' ')}")
         ax.set_xlabel("step")
@@ -275,10 +303,12 @@ def plot_curve(stage, points, png_path):
     figure.tight_layout()
     with atomic_write(png_path, "wb") as f:
         figure.savefig(f, format="png", dpi=100)
+    # pyplot keeps every figure alive until it is closed: one report draws a figure per stage
     plt.close(figure)
 
 
 def matplotlib_available():
+    """matplotlib is an optional extra (`plots`): without it the report says how to get the plots."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -290,6 +320,11 @@ def matplotlib_available():
 
 
 class Report:
+    """
+    The report card of one run: sections in <base dir>/report/<slug>.md, one file per stage, so no two stages
+    write the same file and a stage rerun replaces only its own section; generate() joins them.
+    """
+
     def __init__(self, base_dir=None):
         self.base_dir = base_dir or get_base_dir()
         self.report_dir = os.path.join(self.base_dir, "report")
@@ -300,6 +335,7 @@ class Report:
 
     def log(self, section, data):
         """Write one stage's section: data is a list of dicts (key -> value) and/or plain strings."""
+        # "- key: value" lines: readable as markdown, and parsed back by summary_values for the summary table
         lines = [f"## {section}", f"timestamp: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}", ""]
         for item in data:
             if isinstance(item, dict):
@@ -312,6 +348,7 @@ class Report:
         return path
 
     def header(self):
+        """The run's header: when it started, git state, hardware, versions, and the size of the code."""
         commit, branch, dirty = git_info()
         size = code_size(code_files(), tokenizer=load_trained_tokenizer())
         lines = [
@@ -328,6 +365,8 @@ class Report:
 
     def reset(self):
         """Start a new run: remove old sections and curves, write the header."""
+        # everything goes, curves included: a section or a curve point left from the previous run would be
+        # reported as this run's
         for name in os.listdir(self.report_dir):
             path = os.path.join(self.report_dir, name)
             if os.path.isdir(path):  # report/curves/
@@ -336,10 +375,12 @@ class Report:
                 os.remove(path)
         with atomic_write(os.path.join(self.report_dir, "header.md"), "w", encoding="utf-8") as f:
             f.write(self.header())
+        # the fallback for the total time when no stage markers exist (wall_time)
         with atomic_write(os.path.join(self.report_dir, "start_time.txt"), "w", encoding="utf-8") as f:
             f.write(datetime.datetime.now().isoformat())
 
     def _sections(self):
+        """Section names in report order: SECTION_ORDER first, then any other section by when it was written."""
         names = [n[: -len(".md")] for n in os.listdir(self.report_dir) if n.endswith(".md") and n != "header.md"]
         order = {slugify(s): i for i, s in enumerate(SECTION_ORDER)}
         written = {n: os.path.getmtime(os.path.join(self.report_dir, n + ".md")) for n in names}
@@ -357,15 +398,19 @@ class Report:
                 path = self._section_path(section)
                 if not os.path.exists(path):
                     continue
+                # the sections are the source of truth: their "- key: value" lines (Report.log's format) are
+                # read back rather than having each stage also report its figures somewhere else
                 with open(path, encoding="utf-8") as f:
                     for line in f:
                         match = re.match(r"- ([^:]+): (.+)", line.strip())
                         if not match:
                             continue
                         key, value = match.groups()
+                        # the value is kept as the section's text, already formatted by Report.log
                         if key in SUMMARY_METRICS:
                             values[(key, stage)] = (value, False)
                             continue
+                        # a stand-in fills a cell only when the stage has no real score for that metric
                         metric = STAND_IN_KEYS.get(key) or key.removesuffix(" (stand-in)")
                         if metric in SUMMARY_METRICS and metric != key and (metric, stage) not in values:
                             values[(metric, stage)] = (value, True)  # a real score of the same stage wins
@@ -374,6 +419,7 @@ class Report:
     def summary_table(self):
         """Every headline metric x every stage: '-' where a stage did not run or did not measure it."""
         values = self.summary_values()
+        # markdown table: a header row, the |---| separator row, then one row per metric
         rows = ["| Metric | " + " | ".join(s.upper() for s in SUMMARY_STAGES) + " |", "|---" * (len(SUMMARY_STAGES) + 1) + "|"]
         for metric in SUMMARY_METRICS:
             cells = []
@@ -386,6 +432,7 @@ class Report:
 
     def plot_curves(self):
         """Draw report/<stage>_curves.png for each recorded stage -> [(stage, png path)], or None without matplotlib."""
+        # [] (nothing was recorded: no section at all) is not None (points exist but cannot be drawn: a hint)
         directory = curves_dir(self.base_dir)
         if not os.path.isdir(directory):
             return []
@@ -414,6 +461,8 @@ class Report:
 
     def wall_time(self, markers):
         """(seconds, how they were measured) or (None, reason)."""
+        # the stages' own times when speedrun.sh recorded them; "now - reset" only for a run without markers
+        # (stages run by hand), where it is the best there is
         if markers:
             return sum(m["seconds"] for m in markers), f"sum of {len(markers)} stages"
         start_path = os.path.join(self.report_dir, "start_time.txt")
@@ -432,7 +481,9 @@ class Report:
         NANOCHAT_HOURLY_RATE or 24); num_gpus: the GPUs the run used (default: this machine's).
         """
         hourly_rate = hourly_rate_from_env() if hourly_rate is None else hourly_rate
+        # this machine's GPUs: generate runs at the end of speedrun.sh, on the machine that trained
         num_gpus = gpu_count() if num_gpus is None else num_gpus
+        # generate also works without a reset before it (stages run by hand): a bare title stands in for the header
         header_path = os.path.join(self.report_dir, "header.md")
         if os.path.exists(header_path):
             with open(header_path, encoding="utf-8") as f:
@@ -450,12 +501,14 @@ class Report:
             ending.append(f"Total wall clock time: {format_wall_time(seconds)} ({measured})\n\n")
             ending.append(cost_line(seconds / 3600, num_gpus, hourly_rate) + "\n")
 
+        # the same report twice, with image links relative to wherever that copy is read from
         def render(image_dir):
             return header + sections + self.curves_section(plots, image_dir) + "".join(ending)
 
         out_path = os.path.join(self.base_dir, "report.md")
         with atomic_write(out_path, "w", encoding="utf-8") as f:
-            f.write(render("report"))  # report.md sits beside report/, so the link is relative and survives a move of the base dir
+            # report.md sits beside report/, so the link is relative and survives a move of the base dir
+            f.write(render("report"))
         if copy_to_cwd and os.path.abspath(os.getcwd()) != os.path.abspath(self.base_dir):
             # the copy links to the PNGs where they are, by absolute path, rather than copying them into the
             # current directory (the repository, for speedrun.sh): untracked PNGs there would mark the next run's
@@ -476,6 +529,7 @@ class DummyReport:
 
 
 def get_report():
+    """The run's Report on rank 0, a DummyReport elsewhere: one section per stage, not one per rank."""
     return Report() if get_dist_info()[1] == 0 else DummyReport()
 
 
@@ -490,6 +544,7 @@ def main(argv=None):
         report.reset()
         print(f"Report reset in {report.report_dir}")
     else:
+        # checked here, where a bad rate can be named, rather than as a traceback from inside generate
         try:
             rate = args.hourly_rate if args.hourly_rate is not None else hourly_rate_from_env()
         except ValueError:

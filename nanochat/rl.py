@@ -35,6 +35,7 @@ class Rollout:
 
     @property
     def completion_length(self):
+        # tokens the policy chose (forced tool output excluded): the completion length chat_rl logs
         return sum(self.sampled)
 
 
@@ -43,7 +44,9 @@ def group_advantages(rewards, divide_by_std=False):
     rewards = torch.tensor(rewards, dtype=torch.float32)
     advantages = rewards - rewards.mean()
     if divide_by_std:
+        # the group is the whole population here, not a sample of one: no Bessel correction
         std = rewards.std(unbiased=False)
+        # all rewards equal: every advantage is already 0, and 0 / 0 would turn them into NaNs
         if std > 0:
             advantages = advantages / std
     return advantages.tolist()
@@ -53,9 +56,12 @@ def sample_group(engine, tokenizer, task, conversation, num_samples, max_new_tok
                  divide_by_std=False):
     """Sample `num_samples` completions of one question, score each with `task.reward`, set their advantages."""
     prompt = tokenizer.render_for_completion(conversation)
+    # keep_end_token: ending the turn is one of the policy's actions, so <|assistant_end|> must be in the
+    # rollout to be trained on. masks: 1 on each token the policy sampled, 0 on prompt and forced tool output.
     results, masks = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens, temperature=temperature,
                                            top_k=top_k, seed=seed, keep_end_token=True)
     python_start = tokenizer.encode_special("<|python_start|>")
+    # the engine ends a reply at either token (Engine.is_reply_end); neither is part of the reply's text
     ends = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
     rollouts = []
     for tokens, mask in zip(results, masks):
@@ -76,16 +82,20 @@ def policy_gradient_batches(rollouts, rows_per_batch, pad_token, device):
     batches = []
     for start in range(0, len(rollouts), rows_per_batch):
         chunk = rollouts[start:start + rows_per_batch]
+        # a row of n tokens gives n - 1 (input, target) pairs; shorter rows are right-padded to the longest
         length = max(len(r.tokens) for r in chunk) - 1
         inputs = torch.full((len(chunk), length), pad_token, dtype=torch.long)
         targets = torch.full((len(chunk), length), -1, dtype=torch.long)
         weights = torch.zeros((len(chunk), length), dtype=torch.float32)
         for row, rollout in enumerate(chunk):
             tokens = torch.tensor(rollout.tokens, dtype=torch.long)
+            # [1:]: the mask belongs to the token predicted, and position t predicts token t+1
             sampled = torch.tensor(rollout.sampled[1:], dtype=torch.bool)
             n = len(rollout.tokens) - 1
             inputs[row, :n] = tokens[:-1]
             targets[row, :n] = torch.where(sampled, tokens[1:], -1)  # position t predicts token t+1
+            # one weight for every token of the row: the whole completion is credited with its group-relative
+            # reward (no per-token credit assignment); where the target is -1 the weight multiplies a zero loss
             weights[row, :n] = rollout.advantage
         batches.append((inputs.to(device), targets.to(device), weights.to(device)))
     return batches

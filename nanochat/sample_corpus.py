@@ -16,10 +16,15 @@ import re
 
 from nanochat.dataset import SAMPLE_DIR
 
+# the two splits; no document is in both, so a task that tests on val documents tests on text pretraining never saw
 SAMPLE_FILES = ("train", "val")
 
+# Each pattern anchors at the start of a document and recognises its source's first line (the shapes above).
+# "Genesis 1", "1 Kings 3": an optional book number, a capitalised book name, a chapter number, a blank line
 BIBLE_CHAPTER_RE = re.compile(r"^(?:[123] )?[A-Z][A-Za-z ]+ \d+\n\n")
+# a headword of at most 80 characters, " -", optionally its pronunciation / part of speech, a blank line
 JARGON_ENTRY_RE = re.compile(r"^[^\n]{1,80} -(?: [^\n]*)?\n\n")
+# "words (n.): " with one of WordNet's four parts of speech; lazy *? so the first " (pos.): " ends the words
 WORDNET_SYNSET_RE = re.compile(r"^[^\n]*? \((?:n|v|adj|adv)\.\): ")
 
 

@@ -29,14 +29,17 @@ import os
 import re
 import sys
 
+# a stage that is still running, or was killed, has no marker at all: that absence is what "resume it" means
 RESULTS = ("done", "failed")
 
 
 def stages_dir(base_dir):
+    # in the base dir, next to the checkpoints it describes: a fresh NANOCHAT_BASE_DIR is a fresh run
     return os.path.join(base_dir, "speedrun_stages")
 
 
 def marker_path(directory, name):
+    # the name becomes a file name: no '/' or '..' may take the marker outside the directory
     if not re.fullmatch(r"[\w.-]+", name) or name.startswith("."):
         raise ValueError(f"a stage name is letters, digits, '.', '-' and '_' (got {name!r})")
     return os.path.join(directory, f"{name}.done")
@@ -44,16 +47,18 @@ def marker_path(directory, name):
 
 def command_line(argv):
     """The command as one marker line: its words joined by spaces, as bash's "$*" joins them."""
+    # newlines would end the `command:` line early and start a line of their own, read as another key
     return " ".join(argv).replace("\n", " ").replace("\r", " ").strip()
 
 
 def write_stage_marker(directory, name, command, seconds, result="done"):
     """Record that stage `name`, run as `command` (its words), ended after `seconds` with `result`."""
-    # imported here: artifacts imports torch (~2 s), which `status`, run before every stage, does without
+    # imported here, by `write` only: `status`, run before every stage, needs nothing but the standard library
     from nanochat.artifacts import atomic_write
 
     if result not in RESULTS:
         raise ValueError(f"result must be one of {RESULTS} (got {result!r})")
+    # UTC: the order of stages must not jump when a run spans a daylight-saving change or moves between machines
     finished = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     with atomic_write(marker_path(directory, name), "w", encoding="utf-8") as f:
         f.write(f"stage: {name}\ncommand: {command_line(command)}\nseconds: {round(seconds)}\n"
@@ -65,6 +70,7 @@ def read_fields(path):
     fields = {}
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
+            # partition at the first colon only: a command's own colons (a URL) stay in the value
             key, sep, value = line.partition(":")
             if sep:
                 fields[key.strip().lower()] = value.strip()
@@ -121,6 +127,7 @@ def stage_status(directory, name, command=None):
 
 
 def clear_stage_markers(directory):
+    """Remove every marker: the next speedrun runs every stage again. Other files in the directory are left alone."""
     if os.path.isdir(directory):
         for name in os.listdir(directory):
             if name.endswith(".done"):

@@ -16,7 +16,11 @@ from nanochat.common import get_dist_info, print0
 
 
 def letter_token_ids(tokenizer, letters, cache):
-    """The single token id of each answer letter (the categorical eval compares exactly these logits)."""
+    """
+    The single token id of each answer letter (the categorical eval compares exactly these logits).
+    Encoded without a leading space: in the rendered prompt the answer follows <|assistant_start|> directly.
+    cache: a dict kept by the caller across batches, so each letter is encoded once per eval.
+    """
     ids = []
     for letter in letters:
         if letter not in cache:
@@ -33,6 +37,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, 
     """(num_passed, total) over this rank's share of the problems; batches are strided across ranks."""
     _, rank, _, world_size = get_dist_info()
     num_problems = len(task) if max_problems is None else min(len(task), max_problems)
+    # ceil(num_problems / batch_size): the last batch may be short
     num_batches = -(-num_problems // batch_size)
     pad = tokenizer.get_bos_token_id()  # right padding: it comes after every answer position, so it is never read
     letter_cache = {}
@@ -43,8 +48,11 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None, 
         prompts = [tokenizer.render_for_completion(conversation) for conversation in conversations]
         max_length = max(len(ids) for ids in prompts)
         inputs = torch.tensor([ids + [pad] * (max_length - len(ids)) for ids in prompts], dtype=torch.long, device=device)
+        # [rows, max_length, vocab]; only one position per row is read below
         logits = model(inputs)
         for row, (conversation, ids) in enumerate(zip(conversations, prompts)):
+            # the letters this problem allows (A-D for 4 choices): the argmax is over them only, so a model that
+            # would rather say "The" still gets scored on which letter it prefers
             letters = conversation["letters"]
             # the logits at the last prompt token (<|assistant_start|>) predict the first answer token
             letter_logits = logits[row, len(ids) - 1, letter_token_ids(tokenizer, letters, letter_cache)]
@@ -58,8 +66,10 @@ def score_samples(task, tokenizer, engine, index, num_samples, max_new_tokens, t
     """0/1 for each of num_samples replies to problem `index` (seeded by the index: the same on any rank)."""
     conversation = task[index]
     prompt = tokenizer.render_for_completion(conversation)
+    # the num_samples rows share one prefill of the prompt and then sample independently
     results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
                                        temperature=temperature, top_k=top_k, seed=index)
+    # each task parses its own answer out of the reply text (GSM8K: the number after ####, ...)
     return [int(task.evaluate(conversation, tokenizer.decode(result[len(prompt):]))) for result in results]
 
 
@@ -81,6 +91,8 @@ def run_generative_eval(task, tokenizer, engine, num_samples, max_new_tokens, te
         if correct_samples is not None:
             correct_samples.append(sum(scores))
         if total % 10 == 0 or i + world_size >= num_problems:
+            # progress of the whole eval, estimated from this rank's position: problems are strided, so when rank r
+            # is at problem i the others are near it
             done = min(num_problems, i + 1)
             eta = (time.time() - started) / done * (num_problems - done)
             log(f"\r  {done}/{num_problems} passed {num_passed}/{total} on rank {rank} ({100 * num_passed / total:.1f}%), ETA {eta:.0f} s", end="")
@@ -112,6 +124,8 @@ def turn_end_rate(engine, tokenizer, conversations, max_tokens=128):
     ended, total = 0, 0
     for i in range(rank, len(conversations), world_size):
         prompt = tokenizer.render_for_completion(conversations[i])
+        # greedy (temperature 0): the figure measures the model, not the luck of a sample.
+        # generate yields one column of tokens per step, one per sample: [0] is our only sample
         for token_column, _ in engine.generate(prompt, num_samples=1, max_tokens=max_tokens, temperature=0.0):
             if token_column[0] == assistant_end:
                 ended += 1

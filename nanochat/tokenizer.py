@@ -30,6 +30,8 @@ import torch
 from nanochat.artifacts import DamagedArtifactError, load_checked, read_json, read_sidecar, write_recorded
 from nanochat.common import get_base_dir
 
+# Appended after the BPE tokens, in this order, so their ids are the last nine of the vocabulary. The order is
+# part of the saved format: read_tokenizer_config refuses a config whose ids differ (docs/chat_format.md).
 SPECIAL_TOKENS = [
     "<|bos|>",  # starts every document and every conversation
     "<|user_start|>",
@@ -42,20 +44,40 @@ SPECIAL_TOKENS = [
     "<|output_end|>",
 ]
 
-# GPT-4's split pattern with digits grouped 1-2 (not 1-3): fewer number merges at our small vocab sizes
+# GPT-4's split pattern with digits grouped 1-2 (not 1-3): fewer number merges at our small vocab sizes.
+# Its alternatives, tried left to right at each position (each match is one chunk; merges stay inside it):
+#   '(?i:[sdmt]|ll|ve|re)          English contractions: 's 'd 'm 't 'll 've 're, any case
+#   [^\r\n\p{L}\p{N}]?+\p{L}+      a word, with at most one leading non-letter (usually its space: " dog")
+#   \p{N}{1,2}                     numbers in pieces of 1-2 digits, so 2048 is "20" "48", never one token
+#    ?[^\s\p{L}\p{N}]++[\r\n]*     punctuation and symbols, with an optional leading space and trailing newlines
+#   \s*[\r\n]                      whitespace up to and including a newline
+#   \s+(?!\S)                      a run of spaces, leaving the last one to start the next word's chunk
+#   \s+                            whatever whitespace is left
+# ?+ and ++ are possessive (no backtracking). rustbpe runs this pattern on a faster regex engine by emulating
+# the lookahead and dropping the possessives where they cannot change a match (dev/BENCHMARKS.md, tokenizer).
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
-RANKS_FILE = "tokenizer.tiktoken"  # the merges: `base64(token bytes) rank` per line, as tiktoken.load.load_tiktoken_bpe reads
-CONFIG_FILE = "tokenizer_config.json"  # the split pattern, the special tokens and their ids, the vocab size
-LEGACY_PICKLE_FILE = "tokenizer.pkl"  # the format before: refused on load, converted by tok_train --convert-pickle
-MAX_VOCAB_SIZE = 2**21  # 64x the default vocab; a config asking for more is damaged or hostile, not a tokenizer
+# the merges: `base64(token bytes) rank` per line, as tiktoken.load.load_tiktoken_bpe reads
+RANKS_FILE = "tokenizer.tiktoken"
+# the split pattern, the special tokens and their ids, the vocab size
+CONFIG_FILE = "tokenizer_config.json"
+# the format before: refused on load, converted by tok_train --convert-pickle
+LEGACY_PICKLE_FILE = "tokenizer.pkl"
+# 64x the default vocab; a config asking for more is damaged or hostile, not a tokenizer
+MAX_VOCAB_SIZE = 2**21
 
 # an assistant message's content is a str, or a list of parts of these types (a reply that used the tool)
 ASSISTANT_PART_TYPES = ("text", "python", "python_output")
 
 
 class RustBPETokenizer:
-    """A tiktoken Encoding built from rustbpe's merges, plus the chat rendering."""
+    """
+    A tiktoken Encoding built from rustbpe's merges, plus the chat rendering.
+    Why two libraries: training BPE needs pair counting and merging (rustbpe, ours); encoding with fixed merges
+    is a different, simpler job that tiktoken does fast and on several threads. They agree because a tiktoken
+    encoding IS its merge list: the rank of a token is the order in which its merge was learned, and tiktoken
+    applies merges lowest rank first, as training learned them.
+    """
 
     def __init__(self, encoding, bos_token="<|bos|>"):
         self.enc = encoding
@@ -63,7 +85,12 @@ class RustBPETokenizer:
 
     @classmethod
     def train_from_iterator(cls, text_iterator, vocab_size, buffer_size=8192):
-        """Train BPE on an iterator of str; vocab_size counts the special tokens too."""
+        """
+        Train BPE on an iterator of str; vocab_size counts the special tokens too.
+        buffer_size: documents rustbpe pulls from the iterator at a time and splits and counts in parallel, outside
+        the GIL. Only the distinct chunks and their counts are kept, so memory grows with the vocabulary of the
+        text, not its length, and each merge updates a chunk once however often it occurs.
+        """
         bpe_vocab_size = vocab_size - len(SPECIAL_TOKENS)
         if bpe_vocab_size < 256:
             raise ValueError(
@@ -76,6 +103,7 @@ class RustBPETokenizer:
 
     @classmethod
     def from_mergeable_ranks(cls, pattern, mergeable_ranks):
+        """A tokenizer from a split pattern and {token bytes: rank}, with SPECIAL_TOKENS appended."""
         # special tokens come right after however many BPE tokens training produced
         offset = len(mergeable_ranks)
         special_tokens = {name: offset + i for i, name in enumerate(SPECIAL_TOKENS)}
@@ -109,6 +137,7 @@ class RustBPETokenizer:
     def save(self, tokenizer_dir):
         """Write the ranks, the config and token_bytes.pt atomically, each with its record (size, sha256) next to it."""
         os.makedirs(tokenizer_dir, exist_ok=True)
+        # tiktoken keeps what it was built from in private attributes; there is no public getter for them
         ranks = self.enc._mergeable_ranks
         write_recorded(os.path.join(tokenizer_dir, RANKS_FILE), lambda f: f.write(format_mergeable_ranks(ranks)), record_beside=True)
         config = {"pattern": self.enc._pat_str, "vocab_size": self.get_vocab_size(),
@@ -136,6 +165,7 @@ class RustBPETokenizer:
         return self.enc.special_tokens_set
 
     def id_to_token(self, token_id):
+        # errors="replace": a token can be part of a multi-byte UTF-8 character, which alone is not valid text
         return self.enc.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
 
     def encode_special(self, text):
@@ -145,6 +175,7 @@ class RustBPETokenizer:
         return self.bos_token_id
 
     def _as_id(self, token):
+        # prepend/append take an id or a special token's name ("<|bos|>")
         return token if isinstance(token, int) else self.encode_special(token)
 
     def encode(self, text, prepend=None, append=None, num_threads=8):
@@ -163,6 +194,7 @@ class RustBPETokenizer:
     __call__ = encode
 
     def decode(self, ids):
+        # invalid UTF-8 (a reply cut mid-character) decodes with U+FFFD replacement characters, never an error
         return self.enc.decode(ids)
 
     def render_conversation(self, conversation, max_tokens=2048, train_on="assistant"):
@@ -176,12 +208,14 @@ class RustBPETokenizer:
         """
         if train_on not in ("assistant", "all"):
             raise ValueError(f"train_on must be 'assistant' or 'all' (got {train_on!r})")
+        # the mask of everything that is not the assistant's own output: the user turns and the chat tokens
         user_mask = 1 if train_on == "all" else 0
         messages = normalize_conversation(conversation)
         special = {name: self.encode_special(name) for name in SPECIAL_TOKENS}
         ids, mask = [], []
 
         def add(token_ids, mask_value):
+            # one mask value per token id appended, so ids and mask stay the same length
             if isinstance(token_ids, int):
                 token_ids = [token_ids]
             ids.extend(token_ids)
@@ -194,6 +228,7 @@ class RustBPETokenizer:
                 add(special["<|user_start|>"], user_mask)
                 add(self.encode(message["content"]), user_mask)
                 add(special["<|user_end|>"], user_mask)
+                # normalize_conversation made the roles alternate, so anything else is the assistant
                 continue
             # at inference the prompt ends with <|assistant_start|> (render_for_completion): the model never
             # has to produce it, so SFT does not train it
@@ -212,6 +247,7 @@ class RustBPETokenizer:
                     add(special["<|output_start|>"], 0)
                     add(part_ids, 0)
                     add(special["<|output_end|>"], 0)
+            # trained: ending its turn is a decision the model must learn to make (else it rambles on)
             add(special["<|assistant_end|>"], 1)
         return ids[:max_tokens], mask[:max_tokens]
 
@@ -227,7 +263,7 @@ class RustBPETokenizer:
         return ids
 
     def visualize_tokenization(self, ids, mask):
-        """Debug view: masked-in tokens in green, masked-out in red."""
+        """Debug view: masked-in tokens in green, masked-out in red (ANSI colours, for a terminal)."""
         green, red, reset = "\033[92m", "\033[91m", "\033[0m"
         return "|".join(f"{green if m else red}{self.decode([i])}{reset}" for i, m in zip(ids, mask))
 
@@ -241,6 +277,8 @@ def normalize_conversation(conversation, allow_ending_with_user=True):
         conversation = conversation.get("messages")
     if not isinstance(conversation, list) or not conversation:
         raise ValueError("conversation must be a non-empty list of {'role', 'content'} messages")
+    # Conversations come from datasets, from tasks and from the chat server's clients, so every field is checked:
+    # a malformed one is a ValueError naming the message, never a KeyError deep inside rendering.
     messages = []
     for index, message in enumerate(conversation):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
@@ -275,7 +313,10 @@ def normalize_conversation(conversation, allow_ending_with_user=True):
 
 
 def format_mergeable_ranks(mergeable_ranks):
-    """tiktoken's text format: one `base64(token bytes) rank` line per token, in rank order."""
+    """
+    tiktoken's text format: one `base64(token bytes) rank` line per token, in rank order. base64 because a
+    token is arbitrary bytes (a newline, half of a UTF-8 character), which a plain text line could not hold.
+    """
     ordered = sorted(mergeable_ranks.items(), key=lambda item: item[1])
     return b"".join(base64.b64encode(token) + b" " + str(rank).encode() + b"\n" for token, rank in ordered)
 
@@ -289,6 +330,8 @@ def read_mergeable_ranks(path):
     same path would load stale merges.
     """
     ranks = {}
+    # a rank is a token's id, and the order its merge was learned in: ids must be 0..n-1 with no gap,
+    # or the special tokens that follow them would land on the wrong ids
     with open(path, "rb") as f:
         for line_number, line in enumerate(f, start=1):
             fields = line.split()
@@ -332,7 +375,8 @@ def _load_tokenizer_file(path, load):
 
 
 def _read_token_bytes(path, device):
-    token_bytes = torch.load(path, map_location=device, weights_only=True)  # tensors only: a pickle may not run code
+    # weights_only: tensors and plain data only, so a planted file cannot run code when unpickled
+    token_bytes = torch.load(path, map_location=device, weights_only=True)
     if not isinstance(token_bytes, torch.Tensor) or token_bytes.ndim != 1:
         raise ValueError(f"expected a 1-D tensor of byte lengths, found {type(token_bytes).__name__}")
     return token_bytes
@@ -347,6 +391,7 @@ def get_tokenizer():
 
 
 def get_token_bytes(device="cpu"):
+    """The byte length of every token id, an int32 tensor [vocab_size]: what bits per byte divides by."""
     path = os.path.join(get_tokenizer_dir(), "token_bytes.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no {path}: train the tokenizer first with `python -m scripts.tok_train`")

@@ -15,6 +15,8 @@ import torch.distributed as dist
 
 def get_grad_accum_steps(total_batch_size, device_batch_size, seq_len, world_size):
     """Micro-steps per optimizer step so that one step sees total_batch_size tokens; errors name the numbers to change."""
+    # an error, not a rounded batch: a run that silently trained with another batch size than it was given
+    # would not be the run its flags describe
     tokens_per_micro_step = device_batch_size * seq_len * world_size
     if total_batch_size % tokens_per_micro_step != 0:
         raise ValueError(
@@ -26,30 +28,40 @@ def get_grad_accum_steps(total_batch_size, device_batch_size, seq_len, world_siz
 
 
 def get_lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
-    """Linear warmup, flat, then linear warmdown to final_lr_frac (trapezoid schedule)."""
+    """
+    Linear warmup, flat, then linear warmdown to final_lr_frac (trapezoid schedule, "warmup-stable-decay").
+    Why not cosine: a flat lr for most of the run and a short decay at the end matches it (Hagele et al. 2024),
+    and the run length only decides where the decay starts. base_train: no warmup, the last 20% decaying to 0.
+    """
     warmup_iters = round(warmup_ratio * num_iterations)
     warmdown_iters = round(warmdown_ratio * num_iterations)
     if step < warmup_iters:
+        # (step + 1): the very first step already moves the weights, at 1/warmup_iters of the peak
         return (step + 1) / warmup_iters
     if step <= num_iterations - warmdown_iters:
         return 1.0
+    # progress falls from 1 at the start of the warmdown to 0 at the last step
     progress = (num_iterations - step) / warmdown_iters
     return progress + (1 - progress) * final_lr_frac
 
 
 def get_muon_momentum(step, warmup_steps=300, start=0.85, end=0.95):
     """Muon's momentum ramps up over the first steps: lower momentum is steadier while the weights move fast."""
+    # 0.85 -> 0.95 linearly over the first 300 steps, then held (as in the modded-nanogpt speedrun)
     frac = min(step / warmup_steps, 1.0)
     return (1 - frac) * start + frac * end
 
 
 def set_learning_rates(optimizers, lr_multiplier):
+    """Every group's lr = its initial_lr (set by GPT.setup_optimizers) x the schedule's multiplier."""
+    # from initial_lr, never from the current lr: multiplying the current one would compound step after step
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lr_multiplier
 
 
 def set_muon_momentum(muon, momentum):
+    # read by Muon's step from the group, so changing it here takes effect at the next step
     for group in muon.param_groups:
         group["momentum"] = momentum
 
@@ -72,6 +84,7 @@ def train_step(model, optimizers, batches, grad_accum_steps, autocast_ctx, lr_mu
     the number of token positions processed over all ranks, padding included: what tok/s and MFU count).
     """
     device = next(model.parameters()).device
+    # running sums kept on the device: adding .item()s would make the CPU wait for the GPU at every micro-batch
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     num_tokens = torch.zeros((), device=device, dtype=torch.float32)
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -83,21 +96,28 @@ def train_step(model, optimizers, batches, grad_accum_steps, autocast_ctx, lr_mu
                 loss = (model(inputs, targets, loss_reduction="none").float() * token_weights[0]).sum()
             else:
                 loss = model(inputs, targets, loss_reduction="sum")
+        # backward outside autocast (it runs each op in the dtype its forward used); gradients add up in .grad
+        # over the micro-batches, which is what accumulation is
         loss.backward()
         loss_sum += loss.detach().float()
         num_tokens += (targets >= 0).sum()
         positions += inputs.numel() * world_size
     if world_size > 1:
+        # one all_reduce for both sums: every rank then divides by the same token count of the whole step
         totals = torch.stack([loss_sum, num_tokens])
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)
         loss_sum, num_tokens = totals[0], totals[1]
     num_tokens = num_tokens.clamp(min=1)  # a step whose targets are all masked changes nothing
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    torch._foreach_mul_(grads, world_size / num_tokens)  # a tensor factor: no wait for the GPU here
+    # x world_size because the optimizers average the gradients over ranks: (sum over ranks / W) x W / N is the
+    # gradient of the step's mean loss. A tensor factor: no wait for the GPU here.
+    torch._foreach_mul_(grads, world_size / num_tokens)
     set_learning_rates(optimizers, lr_multiplier)
     if muon_momentum is not None:
+        # GPT.setup_optimizers returns [adamw, muon]
         set_muon_momentum(optimizers[1], muon_momentum)
     for opt in optimizers:
         opt.step()
+    # None, not zeros: the memory is freed until the next backward, which then writes the gradients instead of adding
     model.zero_grad(set_to_none=True)
     return loss_sum / num_tokens, positions

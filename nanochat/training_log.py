@@ -19,7 +19,10 @@ import torch
 from nanochat.common import format_duration, print0
 from nanochat.curves import record_curve_point
 
-# dense bf16 tensor-core peak FLOP/s by GPU name (substring match, most specific first); used for MFU
+# Dense bf16 tensor-core peak FLOP/s by GPU name, used for MFU. Vendors also quote twice these figures "with
+# sparsity" (2:4 structured sparsity, which dense training never uses): those would halve every MFU.
+# Substring match, first hit wins, so the more specific name comes first: "H100 PCIe" before "H100",
+# "GH200" before "H200", "L40S" before "L40" before "L4", "A100" before "A10".
 GPU_BF16_PEAK_FLOPS = [
     ("GH200", 989e12),
     ("H200", 989e12),
@@ -55,6 +58,7 @@ def throughput_stats(tokens, seconds, flops_per_token, peak_flops, world_size):
     tok_per_sec = tokens / seconds
     if peak_flops is None:
         return tok_per_sec, None
+    # achieved FLOP/s (the model's FLOPs per token x tokens per second) over the peak of all the GPUs together
     mfu = 100 * flops_per_token * tok_per_sec / (peak_flops * world_size)
     return tok_per_sec, mfu
 
@@ -63,6 +67,8 @@ class StepTimer:
     """`with timer:` around a step. Waits for the device at both ends, so the time is the step's, not its launch's."""
 
     def __init__(self, device, skip_first=5):
+        # the first skip_first steps count in the elapsed time but not in the steady-state mean the ETA uses:
+        # compiling and the allocator's first growth make them slower (on an H200, 47-69 s of compile + warm-up)
         self.device, self.skip_first = device, skip_first
         self.elapsed, self.last, self.steps_seen = 0.0, 0.0, 0
         self.steady_time, self.steady_steps = 0.0, 0
@@ -82,12 +88,15 @@ class StepTimer:
             self.steady_steps += 1
 
     def _synchronize(self):
+        # GPU work is queued asynchronously: without waiting, time.time() would measure how fast Python
+        # launches kernels, not how long they take
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         elif self.device.type == "mps":
             torch.mps.synchronize()
 
     def eta(self, steps_left):
+        """Seconds for steps_left more steps at the steady-state mean (the last step's time until there is one)."""
         mean = self.steady_time / self.steady_steps if self.steady_steps else self.last
         return steps_left * mean
 
@@ -123,11 +132,13 @@ class StepLogger:
         step: the step just finished (0-based), timed by `with self.timer`; loss: its loss (a float or a 0-d tensor);
         tokens: the tokens it trained on, over all ranks; extra: {name: text} fields added to the line.
         """
+        # float(loss) of a device tensor waits for the step: fine here, the timer already synchronised
         loss, timer = float(loss), self.timer
         # the EMA starts at 0, so early values are pulled towards 0: dividing by 1 - beta^(step+1) removes that bias (as Adam does)
         self.smooth_loss = self.ema_beta * self.smooth_loss + (1 - self.ema_beta) * loss
         debiased = self.smooth_loss / (1 - self.ema_beta ** (step + 1))
         tok_per_sec, mfu = throughput_stats(tokens, timer.last, self.flops_per_token, self.peak_flops, self.compute.world_size)
+        # the summary's tok/s and MFU average over the steady steps only, like the ETA
         if timer.steps_seen > timer.skip_first:
             self.steady_tokens += tokens
             if mfu is not None:
@@ -139,6 +150,7 @@ class StepLogger:
                f"eta {format_duration(timer.eta(self.num_iterations - step - 1))}")
         if self.stage is not None:
             record_curve_point(self.stage, step + 1, train_loss=loss)  # step + 1: steps done, the count evaluations use
+        # wandb gets the raw loss; it draws its own smoothing
         self.compute.wandb.log({"step": step + 1, "train/loss": loss, "train/lrm": lr_multiplier, "train/tok_per_sec": tok_per_sec,
                                 "train/mfu": mfu if mfu is not None else 0.0})
 
@@ -151,6 +163,7 @@ class StepLogger:
 
     def summary(self):
         """Figures for the report section."""
+        # nan, not a made-up number, when a run was too short to have steady steps
         steady = self.steady_tokens / self.timer.steady_time if self.timer.steady_steps else float("nan")
         device = self.compute.device
         return {

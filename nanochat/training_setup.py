@@ -46,7 +46,10 @@ def add_training_args(parser):
 
 
 def add_optimizer_args(parser):
-    """The learning rates and weight decay of the Muon + AdamW pair (GPT.setup_optimizers)."""
+    """
+    The learning rates and weight decay of the Muon + AdamW pair (GPT.setup_optimizers). The AdamW rates are
+    given for width 768 and scaled by (width / 768)^-0.5 for other widths, so one setting serves every depth.
+    """
     parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the token embedding (at width 768)")
     parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of the output head (at width 768)")
     parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the block matrices")
@@ -66,6 +69,7 @@ def add_finetuning_args(parser, sources, default_source, examples_per_step, init
 
 def check_training_args(parser, args, positive=("max_seq_len", "device_batch_size")):
     """Shared argument checks: parser.error names the flag to change."""
+    # --resume is shorthand; from here on only resume_from_step is read
     if args.resume and args.resume_from_step is None:
         args.resume_from_step = -1
     for name in positive:
@@ -89,6 +93,7 @@ class Compute:
         return self.rank == 0
 
     def barrier(self):
+        """Wait for every rank (a no-op in a single process): e.g. before reading what rank 0 just wrote."""
         if self.is_distributed:
             dist.barrier()
 
@@ -96,14 +101,17 @@ class Compute:
 def init_compute(args, project="nanochat"):
     """Device, process group, compute dtype and wandb from the shared flags."""
     is_distributed, rank, _, world_size, device = compute_init(args.device_type or None)
+    # decided from the device alone (CUDA, or a CPU flag for AMX), so every rank picks the same dtype
     dtype = get_compute_dtype(device, args.dtype)
     print0(f"device: {device} x {world_size} | compute dtype: {str(dtype).removeprefix('torch.')} (fp32 master weights)")
+    # every flag goes into the wandb run's config, so a run can be reproduced from its page
     wandb_run = get_wandb(args.run, project=project, config=dict(vars(args)), master_process=rank == 0)
     return Compute(is_distributed, rank, world_size, device, dtype, autocast_context(device, dtype), wandb_run)
 
 
 def setup_optimizers(model, args, compute, lr_scale=1.0):
     """Muon + AdamW from the optimizer flags; lr_scale multiplies every lr (finetuning starts lower)."""
+    # compute_dtype: Muon's Newton-Schulz runs in the training's matmul dtype (bf16 with AMX or on CUDA)
     return model.setup_optimizers(unembedding_lr=args.unembedding_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
                                   matrix_lr=args.matrix_lr * lr_scale, weight_decay=args.weight_decay, compute_dtype=compute.dtype)
 
@@ -117,6 +125,7 @@ def load_source_model(parser, stage, args, compute):
     try:
         model, tokenizer, meta = load_model(stage, compute.device, phase="train", model_tag=args.model_tag, step=args.step)
     except (FileNotFoundError, ValueError) as e:
+        # parser.error: one line saying what is missing or damaged and what to run, not a traceback
         parser.error(f"cannot load the {stage} model: {e}")
     if args.max_seq_len != -1 and args.max_seq_len <= 0:
         parser.error(f"--max-seq-len must be positive, or -1 for the model's own context (got {args.max_seq_len})")
@@ -141,6 +150,7 @@ def should_compile(compute, setting="auto", dynamic=False):
     is paid), and never for dynamic shapes (SFT's changing row lengths: on the H200 the dynamic compile
     had not finished after ~3 minutes at depth 20, longer than eager SFT takes). setting "1" forces it on.
     """
+    # an explicit --compile 0|1 always wins over the measured defaults below
     if setting != "auto":
         return setting == "1"
     return not dynamic and (compute.device.type == "cuda" or (compute.device.type == "cpu" and compute.dtype == torch.bfloat16))
@@ -154,4 +164,6 @@ def prepare_model(model, compute, compile_setting="auto", dynamic=False):
     if not should_compile(compute, compile_setting, dynamic):
         return model
     print0(f"compiling the model (torch.compile, dynamic={dynamic}); the first steps are slower")
+    # compiling is lazy: the graph is traced and compiled at the first forward, which is why the first steps
+    # (and StepLogger's ETA, which skips them) are slow
     return torch.compile(model, dynamic=dynamic)

@@ -24,9 +24,14 @@ def save_training_state(checkpoint_dir, step, model, optimizers, loader, compute
     follows from the step alone (RL). meta: the stage's own figures; the step, model config and world size
     that a resume checks are added here.
     """
+    # torch's global generators: whatever a stage draws from them after the resume (the samples it prints, say)
+    # continues the same sequence as in the uninterrupted run
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(compute.device) if compute.device.type == "cuda" else None}
+    # per rank, in that rank's shard: each rank has its own optimizer slice, its own place in the data and its
+    # own generator state. Plain tensors, numbers, lists and dicts only, so it loads with weights_only=True.
     optimizer_data = {"optimizers": [opt.state_dict() for opt in optimizers],
                       "train_loader": loader.state_dict() if loader is not None else None, "rng": rng}
+    # the model config is what a later stage rebuilds the model from (checkpoint_manager.build_model)
     meta = {"step": step, "model_config": dataclasses.asdict(model.config), "world_size": compute.world_size, **meta}
     save_checkpoint(checkpoint_dir, step, model.state_dict(), optimizer_data, meta, rank=compute.rank)
     compute.barrier()  # nobody trains on while another rank's shard is still being written
@@ -59,9 +64,12 @@ def resume_training_state(checkpoint_dir, resume_from_step, model, optimizers, c
     step = find_last_step(checkpoint_dir) if resume_from_step == -1 else resume_from_step
     model_data, optimizer_data, meta = load_checkpoint(checkpoint_dir, step, compute.device, load_optimizer=True, rank=compute.rank,
                                                        required_meta_keys=("model_config",))
+    # checked before loading anything: the run's flags built `model`, and a checkpoint of another shape would
+    # otherwise fail deep inside load_state_dict with a list of tensor names
     if meta["model_config"] != dataclasses.asdict(model.config):
         raise ValueError(f"the checkpoint's model {meta['model_config']} differs from this one {dataclasses.asdict(model.config)}; "
                          f"resume with the same model flags and tokenizer")
+    # the optimizer shards and the loader strides are per rank: another world size cannot continue them
     if meta.get("world_size", compute.world_size) != compute.world_size:
         raise ValueError(f"step {step} was saved by {meta['world_size']} ranks, this run has {compute.world_size}; "
                          f"resume with the same number of ranks")
@@ -70,6 +78,7 @@ def resume_training_state(checkpoint_dir, resume_from_step, model, optimizers, c
     try:  # a shard that parses but holds something else: one message, not a traceback from inside torch.optim
         if len(optimizer_data["optimizers"]) != len(optimizers):
             raise ValueError(f"{len(optimizer_data['optimizers'])} optimizers, this run has {len(optimizers)}")
+        # in the order save_training_state wrote them, which is the order setup_optimizers returns them
         for opt, state in zip(optimizers, optimizer_data["optimizers"]):
             opt.load_state_dict(state)
         torch.set_rng_state(optimizer_data["rng"]["cpu"])

@@ -67,7 +67,8 @@ def test_steps_compute_the_models_logits_and_cache_its_keys_and_values(tricks):
         torch.testing.assert_close(torch.stack(first), model(texts[:1])[0], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(torch.stack(second), model(texts[1:, :7])[0], rtol=1e-4, atol=1e-4)
         config = model.config
-        prefill = KVCache(1, config.n_kv_head, config.n_embd // config.n_head, config.n_layer, 12)
+        prefill = KVCache(1, config.n_layer, config.n_kv_head, config.n_embd // config.n_head)
+        prefill.begin_step([0])
         model(texts[:1], kv_cache=prefill)  # the keys (rotated, QK-normed) and values the torch model caches
     torch.testing.assert_close(cache[:, :, 2, :, :12], prefill.cache[:, :, 0, :, :12], rtol=1e-4, atol=1e-5)
     assert not cache[:, :, 1].any() and not cache[:, :, 0, :, 7:].any()  # nothing written where no row was
@@ -118,7 +119,7 @@ def test_a_rows_logits_are_the_same_bits_alone_in_any_batch_and_on_any_thread_co
 
 @needs_kernels
 def test_a_prompt_as_one_step_is_its_tokens_one_step_at_a_time():
-    # the scheduler prefills short prompts as one step whose rows are the prompt's tokens in one slot
+    # the engine prefills short prompts as one step whose rows are the prompt's tokens in one slot
     model = make_gpt(n_kv_head=2, x0_mixing=True, value_embeds=True)
     decoder = CPUDecoder(model)
     prompt = [17, 4, 480, 4, 99, 3, 250]
@@ -174,6 +175,7 @@ def test_changed_weights_are_repacked(change):
     before = decoder.step(rows[0], cache.clone(), *rows[1:])
     packed = weakref.ref(decoder.kernels)
     change(model, other)
+    decoder.refresh()  # what the engine calls once per reply, at its prefill
     after = decoder.step(rows[0], cache.clone(), *rows[1:])
     assert not torch.equal(after, before)
     assert torch.equal(after, CPUDecoder(model).step(rows[0], cache.clone(), *rows[1:]))  # a fresh packing's logits

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanochat.engine import Engine, IncrementalDecoder, KVCache, assistant_parts, prepare_for_inference, run_tool_call, sample_next_token
+from nanochat.engine import (Engine, IncrementalDecoder, KVCache, Row, assistant_parts, prepare_for_inference, run_tool_call,
+                             sample_next_token)
 from nanochat.gpt import GPTConfig
 
 from conftest import random_gpt
@@ -121,7 +122,7 @@ def run_scripted(tokenizer, code, answer, tool_timeout=2.0, max_tokens=60):
     model = ScriptedModel(tokenizer, code, answer)
     prompt = tokenizer.encode("question", prepend="<|bos|>")
     model.prompt_len = len(prompt)
-    engine = Engine(model, tokenizer, tool_timeout=tool_timeout)
+    engine = Engine(model, tokenizer, tool_timeout=tool_timeout, decoder="torch")  # a stand-in model: GPT.forward's interface only
     results, masks = engine.generate_batch(prompt, max_tokens=max_tokens, temperature=0.0)
     return results[0][len(prompt):], masks[0][len(prompt):]
 
@@ -205,3 +206,40 @@ def test_inference_weights_take_the_dtype_training_would_use(tiny_tokenizer):
     tokens = tiny_tokenizer.encode("Hello", prepend="<|bos|>")  # the bf16 copy decodes
     results, _ = engine.generate_batch(tokens, max_tokens=5, temperature=0.0)
     assert len(results[0]) == len(tokens) + 5
+
+
+def test_the_engine_and_the_server_decode_with_the_cpu_decoder_on_cpu_float32_only(tiny_tokenizer):
+    """The engine picks the speed layer (the model knows nothing of it); GPT.forward elsewhere, padded in the server."""
+    from nanochat import cpu_decode
+    from nanochat.batching import Batcher
+
+    if not cpu_decode.available():
+        pytest.skip("the decode_kernels extension is not installed (uv sync --extra cpu-kernels)")
+    engine = Engine(random_gpt(tiny_tokenizer, n_layer=1), tiny_tokenizer)
+    assert engine.cpu_decoder is not None and "CPU decoder" in engine.describe()
+    assert Batcher([engine], max_batch=4, queue_size=0).replicas[0].row_multiple == 1  # batch-invariant: no padding
+    for other in (Engine(random_gpt(tiny_tokenizer, n_layer=1).to(torch.bfloat16), tiny_tokenizer),
+                  Engine(random_gpt(tiny_tokenizer, n_layer=1), tiny_tokenizer, decoder="torch")):
+        assert other.cpu_decoder is None and "GPT.forward" in other.describe()
+        assert Batcher([other], max_batch=4, queue_size=0).replicas[0].row_multiple == 4  # GPT.forward pads to 4 rows
+
+
+@pytest.mark.parametrize("prompt_text", ["Tell me about the sea.", "word " * 150])  # a prompt as one step, and by GPT.forward
+def test_the_cpu_decoder_decodes_what_gpt_forward_computes(tiny_tokenizer, prompt_text):
+    from nanochat import cpu_decode
+
+    if not cpu_decode.available():
+        pytest.skip("the decode_kernels extension is not installed (uv sync --extra cpu-kernels)")
+    model = random_gpt(tiny_tokenizer, sequence_len=256, n_layer=2, n_kv_head=2)  # GQA too
+    engine = Engine(model, tiny_tokenizer)
+    prompt = tiny_tokenizer.encode(prompt_text, prepend="<|bos|>")
+    tokens = tiny_tokenizer.encode(" and the wind is cold.")
+    cache = engine.new_cache(2, len(prompt) + len(tokens))
+    with torch.inference_mode():
+        logits = [engine.prefill(prompt, cache, slot=1)[0]]
+        for token in tokens[:-1]:
+            row = Row(1, [token], rng=None, temperature=0.0)
+            logits.append(engine.step(cache, [row])[0])
+        full = model(torch.tensor([prompt + tokens[:-1]]))[0, len(prompt) - 1:]
+    torch.testing.assert_close(torch.stack(logits), full, rtol=1e-4, atol=1e-4)
+    assert cache.lengths == [0, len(prompt) + len(tokens) - 1] and not cache.cache[:, :, 0].any()

@@ -56,7 +56,7 @@ def test_every_command_of_the_pipeline_and_serving_parts_uses_flags_its_script_a
 
 
 def test_the_serving_part_benchmarks_run_tiny_on_cpu():
-    """Part 3's two benchmarks, at depth 2 on CPU: decode through the KV cache and the scheduler, then the real
+    """Part 3's two benchmarks, at depth 2 on CPU: decode through the KV cache and continuous batching, then the real
     server under 1 and 2 streaming clients."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = lambda args: subprocess.run([sys.executable, "-m"] + args, cwd=REPO_ROOT, env=env, capture_output=True,
@@ -64,7 +64,7 @@ def test_the_serving_part_benchmarks_run_tiny_on_cpu():
     decode = run(["dev.bench_decode", "--device", "cpu", "--depth", "2", "--vocab-size", "512", "--dtypes", "float32",
                   "--batch-sizes", "1,2", "--max-tokens", "8", "--repeats", "1", "--skip-naive"])
     assert decode.returncode == 0, decode.stdout[-2000:] + decode.stderr[-2000:]
-    rates = re.findall(r"batch (\d+): KV cache +([\d.]+) tok/s \| scheduler +([\d.]+) tok/s", decode.stdout)
+    rates = re.findall(r"batch (\d+): KV cache +([\d.]+) tok/s \| batching +([\d.]+) tok/s", decode.stdout)
     assert [batch for batch, _, _ in rates] == ["1", "2"] and all(float(a) > 0 and float(b) > 0 for _, a, b in rates), decode.stdout
     server = run(["dev.bench_server", "--depth", "2", "--clients", "1,2", "--requests-per-client", "1", "--max-tokens", "16"])
     assert server.returncode == 0, server.stdout[-2000:] + server.stderr[-2000:]

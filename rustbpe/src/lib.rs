@@ -12,9 +12,6 @@
 //! instead of fancy-regex's backtracking VM.
 //!
 //! The resulting merges are exported as tiktoken-style mergeable ranks so inference can use tiktoken.
-//!
-//! The crate also carries the chat server's CPU decode kernels (decode.rs): one compiled extension is
-//! simpler to build and ship than two.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -27,7 +24,6 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString};
 use rayon::prelude::*;
 
-pub mod decode;
 
 /// GPT-4's split pattern, except digits are grouped 1-2 at a time (not 1-3): measured to waste fewer
 /// merges on number chunks at small vocab sizes.
@@ -527,11 +523,6 @@ impl Tokenizer {
 fn rustbpe(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Tokenizer>()?;
     m.add("GPT4_PATTERN", GPT4_PATTERN)?;
-    m.add_function(wrap_pyfunction!(decode::decode_matmul, m)?)?;
-    m.add_function(wrap_pyfunction!(decode::decode_attention, m)?)?;
-    m.add_function(wrap_pyfunction!(decode::decode_kernels_vectorized, m)?)?;
-    m.add_class::<decode::DecodeModel>()?;
-    m.add("DECODE_PANEL", decode::PANEL)?;
     Ok(())
 }
 
