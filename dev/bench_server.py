@@ -91,7 +91,9 @@ def start_server(base_dir, script=None, root=None):
         port = s.getsockname()[1]
     repo_root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = os.path.join(root, "scripts", "chat_web.py") if root else script
-    env = {**os.environ, "NANOCHAT_BASE_DIR": base_dir, "PYTHONPATH": repo_root}  # a --server-script imports nanochat too
+    # a --server-script imports nanochat too; a PYTHONPATH of ours comes after (e.g. an older build of an extension)
+    env = {**os.environ, "NANOCHAT_BASE_DIR": base_dir,
+           "PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")]))}
     server = [script] if script else ["-m", "scripts.chat_web", "--max-batch", str(args.max_batch)]
     process = subprocess.Popen([sys.executable, *server, "--host", "127.0.0.1", "--port", str(port),
                                 "--device-type", args.device_type, "--threads", str(args.threads), "--queue-size", "1000"], env=env)

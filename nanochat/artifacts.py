@@ -103,7 +103,7 @@ def check_file(path, record=None):
     if not os.path.exists(path):
         raise DamagedArtifactError(f"{path} is missing")
     size = os.path.getsize(path)
-    # an empty file is never a valid artifact, and is the usual trace of a full disk or a killed copy
+    # an empty file is never a valid artifact; it is what a full disk or a killed copy often leaves
     if size == 0:
         raise DamagedArtifactError(f"{path} is empty")
     if record is None:

@@ -27,8 +27,10 @@ Why a row's output does not depend on the other rows (greedy replies are the sam
   row's own keys (KVCache.attend) and the matmuls see a batch padded to a multiple of ROW_MULTIPLE rows
   (Engine.step). Padding costs a lone request ~half its speed; --max-batch 1 pads nothing.
 """
+import atexit
 import os
 import threading
+import weakref
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +44,7 @@ from nanochat.engine import IncrementalDecoder, Row, tool_call_display
 
 ROW_MULTIPLE = 4  # without the CPU decoder, decode batches are padded to a multiple of this many rows (docstring)
 IDLE_WAIT_S = 0.05  # how often a loop whose rows all wait on tool calls looks for cancellations
+LIVE_BATCHERS = weakref.WeakSet()  # closed at exit, before the interpreter shuts down under their threads
 
 
 class QueueFull(Exception):
@@ -111,7 +114,7 @@ class Replica:
         self.thread = threading.Thread(target=self.loop, name=f"replica{index}", daemon=True)
 
     def loop(self):
-        while True:
+        while not self.batcher.closed:
             try:
                 self.iterate()
             except Exception as e:  # a bug in one reply's bookkeeping ends the replies in flight, not the replica
@@ -213,8 +216,20 @@ class Batcher:
         self.replicas = [Replica(i, engine, self, max_batch) for i, engine in enumerate(engines)]
         self.stats = {"requests_served": 0, "tokens_generated": 0, "requests_rejected": 0}
         self.tokens_per_second = deque()  # [second, tokens] for the last minute
+        self.closed = False
         for replica in self.replicas:
             replica.thread.start()
+        LIVE_BATCHERS.add(self)
+
+    def close(self):
+        """Stop the replica threads after their current step (requests still in flight are dropped). Called at exit
+        too: a replica thread still freeing its step's tensors while the interpreter shuts down aborts the process."""
+        with self.lock:
+            self.closed = True
+            self.lock.notify_all()
+        for replica in self.replicas:
+            if replica.thread is not threading.current_thread():
+                replica.thread.join(timeout=10)
 
     def submit(self, request):
         """Queue a request for the next free slot. Raises QueueFull when the slots and the queue are all taken."""
@@ -248,7 +263,7 @@ class Batcher:
 
     def wait_for_work(self, replica, timeout):
         with self.lock:
-            if not (self.waiting and replica.in_flight < self.max_batch):
+            if not (self.waiting and replica.in_flight < self.max_batch) and not self.closed:
                 self.lock.wait(timeout)
 
     def wake(self):
@@ -288,3 +303,9 @@ class Batcher:
                     "kv_cache_bytes_allocated": sum(0 if c.cache is None else c.cache.numel() * c.cache.element_size()
                                                     for c in caches),
                     **self.stats}
+
+
+@atexit.register
+def close_live_batchers():
+    for batcher in list(LIVE_BATCHERS):
+        batcher.close()

@@ -189,7 +189,14 @@ def calculate(code):
     """
     The value of a whitelisted expression, as the text print() would show.
     Raises NotCalculable for anything else, CalculatorError or Python's own error (ZeroDivisionError, ...)
-    when the expression is calculator syntax but cannot be computed.
+    when the expression is calculator syntax but cannot be computed:
+
+        calculate("48/2")                     -> "24.0"  (true division, as in Python)
+        calculate("'strawberry'.count('r')")  -> "3"
+        calculate("[1, 2] * 3")               -> "[1, 2, 1, 2, 1, 2]"
+        calculate("__import__('os')")         NotCalculable: the sandbox decides
+        calculate("9**9**9")                  CalculatorError (more than MAX_INT_BITS)
+        calculate("1/0")                      ZeroDivisionError
     """
     code = code.strip()
     if len(code) > MAX_EXPRESSION_CHARS:

@@ -36,6 +36,7 @@ SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "cha
 
 
 def _atomic_json_save(obj, path):
+    # indented: a meta is also read by people, to see what a run was trained with
     with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
 
@@ -62,7 +63,8 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
         write_recorded(_optim_path(checkpoint_dir, step, rank), lambda f: torch.save(optimizer_data, f), record_beside=True)
     if rank == 0:
         model_path = _model_path(checkpoint_dir, step)
-        # the record goes in the meta, not beside the model: one file fewer, and it lands in the same rename
+        # the record goes in the meta, not beside the model: the meta is written last, so a step that counts as
+        # saved always has its model's record
         model_record = write_recorded(model_path, lambda f: torch.save(model_data, f))
         meta_data = dict(meta_data, files={os.path.basename(model_path): model_record})
         # last: the meta's existence is what marks the step complete (list_steps)
@@ -156,7 +158,9 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0, 
     try:
         # the meta first: it holds the model's record
         meta_data = read_json(_meta_path(checkpoint_dir, step), required_keys=required_meta_keys)
-        records = meta_data.pop("files", {})  # bookkeeping of this module, not part of what the stage saved
+        # bookkeeping of this module, not part of what the stage saved; absent in checkpoints saved before records
+        # existed, whose model file is then loaded unchecked (records.get gives None)
+        records = meta_data.pop("files", {})
         model_path = _model_path(checkpoint_dir, step)
         model_data = load_checked(model_path, records.get(os.path.basename(model_path)),
                                   lambda path: torch.load(path, map_location=device, weights_only=True))
@@ -236,7 +240,8 @@ def build_model(checkpoint_dir, step, device, phase):
     # the file's tensors are known to have the shapes the config implies
     with torch.device("meta"):
         model = GPT(config)
-    # the meta model knows every tensor's shape without holding any memory: the file is checked against it
+    # the model on the meta device knows every tensor's shape without holding any memory: the file is checked
+    # against it
     model_data = check_state_dict(model, model_data, _model_path(checkpoint_dir, step))
     # fp32 weights whatever was saved, as training expects; the chat front ends cast to bf16 themselves
     # (engine.prepare_for_inference)

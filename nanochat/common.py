@@ -182,14 +182,17 @@ def get_wandb(run_name, project="nanochat", config=None, master_process=True):
     here, at the start of a stage: without it wandb.init would prompt or fail only after the model is built.
     Run files go under $NANOCHAT_BASE_DIR/wandb, not into whatever directory the script was started from.
     """
+    # one wandb run per training, logged by rank 0: the other ranks' figures are the same after the all_reduces
     if run_name == "dummy" or not master_process:
         return DummyWandb()
     directory = os.path.join(get_base_dir(), "wandb")
+    # offline, dryrun and disabled never talk to the server, so they need no key
     mode = os.environ.get("WANDB_MODE", "online")
     if mode not in ("offline", "dryrun", "disabled") and not wandb_logged_in():
         raise SystemExit(f"--run {run_name} logs to Weights & Biases, but wandb has no API key on this machine. "
                          f"Run `wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to keep the run in "
                          f"{directory} and `wandb sync` it later, or leave --run at dummy (WANDB_RUN unset for speedrun.sh).")
+    # imported only here: wandb takes most of a second to import, and most runs (--run dummy) never use it
     import wandb
 
     os.makedirs(directory, exist_ok=True)

@@ -58,6 +58,7 @@ def download_eval_bundle(url=EVAL_BUNDLE_URL, base_dir=None, retries=DOWNLOAD_RE
     if os.path.exists(os.path.join(bundle_dir, "core.yaml")):
         return bundle_dir
     zip_path = os.path.join(base_dir, "eval_bundle.zip")
+    # a zip already there (copied by hand onto an offline machine, or left by an earlier try) is used as it is
     if not os.path.exists(zip_path):
         for attempt in range(1, retries + 1):
             try:
@@ -250,7 +251,7 @@ def evaluate_example(model, tokenizer, data, idx, task, device, max_seq_len=None
     for i, t in enumerate(tokens):
         input_ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
     input_ids = input_ids.to(device)
-    # [rows, T, vocab]; in fp32, so the log-softmax behind each loss is not rounded to bf16's ~3 significant digits
+    # [rows, T, vocab]; fp32 for the cross-entropy below, whatever dtype the model computed in
     logits = model(input_ids).float()
     # the logits at position p predict token p+1, so the span start..end-1 is scored at start-1..end-2
     if task["task_type"] == "language_modeling":

@@ -127,10 +127,13 @@ class CPUDecoder:
         if self.kernels is None:
             self.refresh()
         tokens = tokens.tolist() if torch.is_tensor(tokens) else tokens
-        logits = numpy.empty((len(tokens), self.vocab), numpy.float32)  # ~1 us less than torch.empty(...).numpy()
-        self.kernels.step(tokens, slots, positions, as_buffer(cache, "cache"), logits, torch.get_num_threads(),
+        # a torch tensor lent to Rust as a numpy view, not numpy's own array returned through from_numpy: freeing a
+        # tensor over numpy memory takes the GIL back inside torch's C++, which aborts a server thread whose step
+        # ends while the interpreter is shutting down
+        logits = torch.empty(len(tokens), self.vocab)
+        self.kernels.step(tokens, slots, positions, as_buffer(cache, "cache"), logits.numpy(), torch.get_num_threads(),
                           PARALLEL_MIN_WORK)
-        return torch.from_numpy(logits)
+        return logits
 
     def pack(self, state):
         """Pack the model's weights as they are now (`state`) into a new decode_kernels.DecodeModel."""

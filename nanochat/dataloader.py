@@ -66,6 +66,10 @@ class BestFitPacker:
     The packing buffer shared by the pretraining and midtraining loaders. Subclasses implement refill()
     (add documents with add_document until the buffer holds buffer_size, or raise EndOfSplit when a
     single-pass loader has nothing left). A document may carry a loss mask (0 = not a target).
+
+    An example, a row of 12 tokens and documents of 9, 5, 4 and 3 tokens in the buffer: 9 fits, leaving 3;
+    the longest that fits in 3 is the 3: the row is full and nothing was cropped. Had there been no 3, the
+    shortest document (the 4) would have been cropped to 3 tokens, losing 1.
     """
     # True for loaders whose documents carry loss masks
     has_masks = False
@@ -132,6 +136,7 @@ class BestFitPacker:
         return self
 
     def __next__(self):
+        """(inputs, targets), int64 [batch_size, seq_len] each, on the device; StopIteration when a single pass ends."""
         # np.empty, not zeros: next_row writes every position of a row (and of its mask)
         rows = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
         masks = np.empty_like(rows) if self.has_masks else None
@@ -175,6 +180,7 @@ class PretrainLoader(BestFitPacker):
         # cursor: (file_index, row_group) last read, None at an epoch's start
         self.epoch, self.cursor = 0, None
         self.documents_this_epoch = 0
+        # the generator over row groups, (re)made lazily from the cursor: after a resume, or at an epoch's start
         self.stream = None
         if resume_state is not None:
             self.load_state(resume_state)
@@ -187,6 +193,7 @@ class PretrainLoader(BestFitPacker):
         while True:
             if self.stream is None:
                 self.stream = iter_row_groups(self.split, self.rank, self.world_size, self.data_dir, after=self.cursor)
+            # one row group per call: the loop body returns at once, it only reads the next item or finds none
             for file_index, row_group, texts in self.stream:
                 self.cursor = (file_index, row_group)
                 self.documents_this_epoch += len(texts)
@@ -275,6 +282,7 @@ class ConversationLoader(BestFitPacker):
             raise ValueError(f"rank {rank} gets no conversations: the dataset has {len(dataset)}, fewer than the {world_size} ranks")
         self.dataset, self.tokenizer, self.train_on = dataset, tokenizer, train_on
         self.rank, self.world_size, self.single_pass = rank, world_size, single_pass
+        # next_index: the next conversation this rank takes; ranks start at their own index and stride by W
         self.epoch, self.next_index = 0, rank
         if resume_state is not None:
             self.load_state(resume_state)
@@ -309,6 +317,7 @@ class ConversationLoader(BestFitPacker):
                 "tokens_emitted": self.tokens_emitted, "tokens_cropped": self.tokens_cropped}
 
     def load_state(self, state):
+        """Continue from a state_dict(): same ranks and dataset size, or a ValueError saying what differs."""
         check_same(state, {"rank": self.rank, "world_size": self.world_size, "num_conversations": len(self.dataset)})
         self.epoch, self.next_index = state["epoch"], state["next_index"]
         self.tokens_emitted, self.tokens_cropped = state["tokens_emitted"], state["tokens_cropped"]
@@ -357,6 +366,7 @@ class SFTLoader:
         if self._step_rows[0] != step:
             first = step * self.rows_per_step
             indexes = range(first, first + self.rows_per_step)
+            # a single pass stops at the dataset's end: the last step may be short (even empty on some ranks)
             if self.single_pass:
                 indexes = range(first, min(first + self.rows_per_step, len(self.dataset)))
             rows = []
@@ -373,6 +383,7 @@ class SFTLoader:
         return self
 
     def __next__(self):
+        """(inputs, targets) of this rank's next micro-batch, [rows, length]: length varies from batch to batch."""
         step, micro_step = divmod(self.micro_batches_taken, self.grad_accum_steps)
         # which slice of the sorted rows is this rank's micro-batch: the step's rows are cut into
         # grad_accum_steps x world_size slices of batch_size, and every rank computes the same cut
@@ -392,6 +403,7 @@ class SFTLoader:
             # the mask is per token, so the target at t (token t+1) is kept where mask[t+1] is 1
             inputs[i, :num_tokens - 1] = ids[:-1]
             targets[i, :num_tokens - 1] = np.where(mask[1:] == 1, ids[1:], -1)
+        # what padded_fraction reports: the positions computed on vs those that held a real token
         self.tokens_total += inputs.size
         self.tokens_padded += inputs.size - sum(row[0] - 1 for row in rows)
         return to_device(torch.from_numpy(inputs), torch.from_numpy(targets), self.device)
@@ -407,6 +419,7 @@ class SFTLoader:
         return self.micro_batches_taken // self.grad_accum_steps * self.rows_per_step / len(self.dataset)
 
     def state_dict(self):
+        """JSON-able: the settings a resume must match, and the one counter that is the position."""
         return {"world_size": self.world_size, "rows_per_step": self.rows_per_step, "num_conversations": len(self.dataset),
                 "micro_batches_taken": self.micro_batches_taken, "tokens_total": self.tokens_total, "tokens_padded": self.tokens_padded}
 

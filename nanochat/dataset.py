@@ -94,7 +94,8 @@ def split_files(split, data_dir=None):
 
 def open_parquet(path):
     """Open a shard, turning the unhelpful arrow errors for damaged files into one that names the file."""
-    # a damaged shard is the usual cause of a crash hours into a run, so the error names the file and the fix
+    # files are opened as the stream reaches them, so a damaged one may surface hours into a run: the error names
+    # the file and the fix
     try:
         parquet_file = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
@@ -121,6 +122,10 @@ def iter_row_groups(split, start=0, step=1, data_dir=None, after=None):
     Yields (file_index, row_group_index, texts) for row groups start, start+step, ... of every file of
     the split, so ranks with start=rank, step=world_size read disjoint data. after=(file_index,
     row_group_index) resumes just past that row group (what the dataloader records in its state).
+
+    The stride starts again in every file. With 2 ranks and files of 3 row groups, rank 0 reads groups 0 and 2
+    of each file and rank 1 only group 1. Unequal shares are tolerated (each rank loops over its own share in
+    epochs, so none runs dry before the others); a rank with no row group at all is an error, not a hang.
     """
     files = split_files(split, data_dir)
     # the same file list and stride on every rank: the ranks' row groups never overlap and nothing is skipped
@@ -241,7 +246,6 @@ def download_shards(indices, data_dir=None, base_url=None, num_workers=4, max_at
     failures, counts = {}, {"downloaded": 0, "skipped": 0}
     # One shard's failure is collected, not raised: the others still finish, and a rerun fetches only what is
     # missing (finished shards are skipped after a cheap footer check).
-    # threads, not processes: the work is waiting on sockets and disks, during which the GIL is released
     with ThreadPoolExecutor(max_workers=num_workers) as pool:
         futures = {pool.submit(download_shard, i, data_dir, base_url, max_attempts, retry_delay): i for i in indices}
         with tqdm(total=len(futures), desc="shards", unit="shard") as progress:

@@ -97,6 +97,9 @@ class ExecutionResult:
 
 # The child runs this before the user's code: read the program, drop to the sandbox uid, set limits,
 # disarm destructive functions, then exec the program. Source text because the child is a bare interpreter.
+# The program runs with globals of its own (globals_for_program), so none of the prelude's names, _real_open
+# included, are visible to it. The guards can still be undone (ctypes, importlib.reload(os)): that is why this
+# layer is a safety net for honest mistakes, and bubblewrap the boundary.
 _CHILD_PRELUDE = r"""
 import builtins, io, os, resource, sys
 memory_bytes, cpu_seconds, file_bytes, max_processes, max_open_files, sandbox_uid = (int(a) for a in sys.argv[1:7])
@@ -409,7 +412,11 @@ def _remove_call_cgroup(path):
 
 
 def _describe_containment(architecture, cgroup_parent, no_cgroup):
-    """For the startup log line: is the seccomp filter on, and what bounds a call's memory."""
+    """
+    For the startup log line: is the seccomp filter on, and what bounds a call's memory. Said at startup because
+    the two are host properties an operator can fix (a delegated cgroup, a 64-bit x86 or ARM machine), and a
+    degraded sandbox should never be a silent one.
+    """
     if architecture:
         seccomp = (f"seccomp filter on ({architecture}: no nested namespaces or mounts, ptrace, io_uring, keyrings, "
                    f"bpf, netlink or packet sockets, ...)")
@@ -631,6 +638,7 @@ def _run(sandbox, code, timeout, maximum_memory_bytes, max_output_bytes):
             command, cwd = child, workdir
             environment.update(HOME=workdir, TMPDIR=workdir)
         else:
+            # bwrap itself starts in the host's "/"; the child's working directory is its own /tmp (--chdir)
             command, cwd = ["bwrap"] + sandbox.bwrap_arguments, "/"
             if sandbox.call_cgroup_parent:
                 try:
@@ -639,8 +647,11 @@ def _run(sandbox, code, timeout, maximum_memory_bytes, max_output_bytes):
                     return ExecutionResult(False, "", "", error=f"could not create this call's cgroup under "
                                                                 f"{sandbox.call_cgroup_parent}: {error}")
                 cleanup.callback(lambda: oom_killed.append(_remove_call_cgroup(cgroup)))
-                # the shell moves itself into the call's cgroup, then becomes bwrap: all that it starts is born inside
+                # the shell moves itself into the call's cgroup, then becomes bwrap: all that it starts is born inside.
+                # Writing 0 to cgroup.procs means "the writing process"; $0 is the first word after the script (the
+                # cgroup), "$@" the rest (bwrap's command).
                 command = ["/bin/sh", "-c", 'echo 0 > "$0/cgroup.procs" && exec "$@"', cgroup] + command
+            # bwrap reads the compiled filter from a file descriptor we leave open for it (pass_fds below)
             if sandbox.seccomp_filter:
                 passed_fds.append(_pipe_holding(sandbox.seccomp_filter))
                 command += ["--seccomp", str(passed_fds[-1])]
@@ -661,6 +672,7 @@ def _run(sandbox, code, timeout, maximum_memory_bytes, max_output_bytes):
                    threading.Thread(target=_read_capped, args=(process.stderr, stderr_chunks, max_output_bytes, truncated), daemon=True)]
         for thread in threads:
             thread.start()
+        # the wall-clock limit counts from here: the time the child spends starting Python counts against it too
         timed_out = False
         try:
             _wait(process, timeout)
@@ -685,6 +697,7 @@ def _run(sandbox, code, timeout, maximum_memory_bytes, max_output_bytes):
     # RLIMIT_AS makes an allocation fail, which Python raises as MemoryError; the cgroup's OOM killer leaves no
     # traceback, only its count in memory.events
     memory_exceeded = "MemoryError" in stderr or any(oom_killed)
+    # a negative return code is the signal that killed the child (subprocess's convention)
     return_code = process.returncode
     if timed_out:
         error = f"timed out after {timeout:g} s"

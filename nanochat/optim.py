@@ -9,6 +9,13 @@ of the update the same size; on the NanoGPT speedrun this trained the hidden mat
 than AdamW. An exact SVD is too slow on GPUs, so a few Newton-Schulz iterations (matmuls
 only, fine in bf16) approximate it.
 
+One Muon step for a weight matrix W with gradient G (momentum m = 0.95, Nesterov, as muon_update does it):
+
+    M = m * M + (1 - m) * G                      momentum buffer
+    U = (1 - m) * G + m * M                      Nesterov look-ahead
+    O = NewtonSchulz5(U)                         ~ U V^T of U's SVD: every singular value near 1
+    W = W - lr * sqrt(max(1, rows / cols)) * O   same update size per entry for tall and square matrices
+
 Why only the block matrices: Muon is meant for hidden layers, maps from features to features. The
 embedding's input is a one-hot token (a row is a lookup, updated only when its token appears) and the
 head's output rows are per-token scores; Muon's author found both train better with AdamW, and vectors
@@ -42,8 +49,8 @@ def zeropower_via_newtonschulz5(G, steps=5, dtype=None):
     """
     assert G.ndim in (2, 3)
     a, b, c = NS_COEFFICIENTS
-    # The iteration only needs singular values in (0, 1] to start from, and the polynomial is cheap to
-    # apply in low precision: the result only has to be roughly orthogonal, not exact.
+    # Low precision is fine here: the iteration is matmuls only, and its result only has to be roughly
+    # orthogonal (singular values ~0.7-1.2), not exact.
     dtype = dtype or (torch.bfloat16 if G.is_cuda else torch.float32)
     X = G.to(dtype)
     X = X.unsqueeze(0) if G.ndim == 2 else X
@@ -97,6 +104,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
+        """One update of every matrix: a batched Newton-Schulz per shape group. Gradients are read, not cleared."""
         for group in self.param_groups:
             params = group["params"]
             # [n, rows, cols]; a parameter with no gradient this step (unused) contributes zeros, so the stack
@@ -123,6 +131,7 @@ class DistMuon(Muon):
 
     @torch.no_grad()
     def step(self):
+        """Average the gradients over ranks, update the owned matrices, share the results: three phases."""
         rank, world_size = _rank_and_world_size()
         # phase 1: launch every reduce_scatter so communication overlaps
         pending = []
@@ -182,7 +191,9 @@ class DistAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
+        """The same three phases as DistMuon.step, on flat slices instead of whole matrices."""
         rank, world_size = _rank_and_world_size()
+        # phase 1: flatten each group's gradients into one vector and launch its reduce_scatter
         pending = []
         for group in self.param_groups:
             params = group["params"]
@@ -193,6 +204,7 @@ class DistAdamW(torch.optim.Optimizer):
             owned_grad = torch.empty(shard_size, dtype=flat_grad.dtype, device=flat_grad.device)
             work = _reduce_scatter_avg(owned_grad, flat_grad, world_size)
             pending.append((group, owned_grad, shard_size, work))
+        # phase 2: AdamW on this rank's slice only (its moments exist only here), then launch the all_gather
         gathers = []
         for group, owned_grad, shard_size, work in pending:
             if work is not None:
@@ -223,6 +235,7 @@ class DistAdamW(torch.optim.Optimizer):
             # flat_param is reused as the receive buffer: after the gather it holds every rank's updated slice
             work = _all_gather(flat_param, owned_param, world_size)
             gathers.append((params, flat_param, work))
+        # phase 3: wait for each gather and write the full vector back into the parameters
         for params, flat_param, work in gathers:
             if work is not None:
                 work.wait()
@@ -246,6 +259,7 @@ def make_muon(params, lr, momentum, distributed, ns_dtype=None):
 
 
 def _muon_param_groups(params):
+    # a vector or a scalar has no orthogonal form: such a parameter belongs to AdamW, and passing one is a bug
     params = list(params)
     for p in params:
         if p.ndim != 2:

@@ -12,6 +12,10 @@ wall time of each stage (from speedrun.sh's markers, nanochat/stage_markers.py),
 table of headline metrics x stages, the total wall-clock time and what the GPUs cost. The report only
 reads what the stages wrote: nothing else in nanochat/ imports it.
 
+On disk, under <base dir>: report/header.md (written by reset), report/<section-slug>.md (one per stage),
+report/curves/<stage>.jsonl (points recorded by training), report/<stage>_curves.png (drawn by generate),
+report/start_time.txt, and report.md itself beside report/ (plus a copy in the current directory).
+
 The total is the sum of the stages' own times, not "now - reset": a run resumed the next day must not
 bill the night in between. Offline stand-in scores (NANOCHAT_DATA=sample) are marked in the table, so a
 score on synthetic arithmetic is never mistaken for GSM8K.
@@ -54,6 +58,7 @@ SECTION_ORDER = [
 # the summary table: these rows x these columns, always all of them ("-" where a number is missing),
 # so two report cards line up row for row
 SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
+# the base column reads two sections: CORE comes from base_eval, the chat metrics from chat_eval -i base
 SUMMARY_STAGES = {"base": ["Base model evaluation", "Chat evaluation base"], "mid": ["Chat evaluation mid"],
                   "sft": ["Chat evaluation sft"], "rl": ["Chat evaluation rl"]}
 # scripts/chat_eval.py labels offline scores "<task> (stand-in)"; the stand-in tasks have their own names,
@@ -175,6 +180,7 @@ def hardware_info():
     """{label: value} for the header's Environment list: host, platform, CPU, RAM, GPUs and versions."""
     import torch
 
+    # os.cpu_count() counts logical CPUs (hyperthreads included), not physical cores
     ram = ram_bytes()
     info = {"Hostname": socket.gethostname(), "Platform": platform.platform(), "CPU": cpu_model(), "CPU cores": os.cpu_count(),
             "RAM": f"{ram / 2**30:.1f} GiB" if ram else "unknown"}
@@ -452,6 +458,7 @@ class Report:
 
     def curves_section(self, plots, image_dir):
         """Markdown image links to the plots, relative to image_dir's parent (see generate)."""
+        # None: curves were recorded but matplotlib is missing, so the report says how to get them
         if plots is None:
             return f"## Training curves\n\n{PLOTS_HINT}\n\n"
         if not plots:
@@ -490,18 +497,20 @@ class Report:
                 header = fill_pending_token_count(f.read())
         else:
             header = "# nanochat training report\n\n"
+        # the report's order: header, stage sections, curves, stage times, summary, total time and cost
         sections = "".join(self._read(name) for name in self._sections())
         plots = self.plot_curves()
         markers = read_stage_markers(stages_dir(self.base_dir))
         seconds, measured = self.wall_time(markers)
         ending = [stage_times_table(markers) if markers else "", self.summary_table()]
+        # no time, no cost: a price computed from a guessed duration would look like a measurement
         if seconds is None:
             ending.append(f"Total wall clock time: unknown ({measured})\n\n")
         else:
             ending.append(f"Total wall clock time: {format_wall_time(seconds)} ({measured})\n\n")
             ending.append(cost_line(seconds / 3600, num_gpus, hourly_rate) + "\n")
 
-        # the same report twice, with image links relative to wherever that copy is read from
+        # the same report twice: beside report/ with relative image links, in the current directory with absolute ones
         def render(image_dir):
             return header + sections + self.curves_section(plots, image_dir) + "".join(ending)
 
@@ -534,6 +543,7 @@ def get_report():
 
 
 def main(argv=None):
+    # argv: the tests call main([...]) directly instead of starting a process
     parser = argparse.ArgumentParser(description="Manage the nanochat report card")
     parser.add_argument("command", choices=["reset", "generate"], help="reset: start a new run; generate: assemble report.md")
     parser.add_argument("--hourly-rate", type=float, default=None,

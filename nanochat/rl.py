@@ -44,7 +44,7 @@ def group_advantages(rewards, divide_by_std=False):
     rewards = torch.tensor(rewards, dtype=torch.float32)
     advantages = rewards - rewards.mean()
     if divide_by_std:
-        # the group is the whole population here, not a sample of one: no Bessel correction
+        # the spread of the group itself, taken as the whole population: no Bessel correction
         std = rewards.std(unbiased=False)
         # all rewards equal: every advantage is already 0, and 0 / 0 would turn them into NaNs
         if std > 0:

@@ -107,6 +107,7 @@ def read_stage_markers(directory):
     if not os.path.isdir(directory):
         return []
     markers = [read_stage_marker(os.path.join(directory, n)) for n in sorted(os.listdir(directory)) if n.endswith(".done")]
+    # by finish time, not by name: the table then reads in the order the run went, reruns included
     return sorted((m for m in markers if m), key=lambda m: m["finished"])
 
 
@@ -121,6 +122,8 @@ def stage_status(directory, name, command=None):
         return "missing"
     except OSError:
         return "changed"  # there, but unreadable: run the stage again rather than trust it
+    # the command decides, not only the name: rerunning speedrun.sh with other flags (a bigger depth, another
+    # profile) must redo the stages those flags change rather than skip them as done
     if command is not None and fields.get("command") != command_line(command):
         return "changed"
     return "failed" if fields.get("result") == "failed" else "done"
@@ -135,6 +138,7 @@ def clear_stage_markers(directory):
 
 
 def main(argv=None):
+    """The command line speedrun.sh calls around every stage (status before it, write after it, clear for a new run)."""
     parser = argparse.ArgumentParser(description="Read and write speedrun.sh's stage markers (speedrun_stages/NAME.done)",
                                      epilog="the stage's command follows a lone --: status NAME -- python -m scripts.tok_eval")
     parser.add_argument("--dir", type=str, default=None, help="the markers' directory (default: speedrun_stages/ in $NANOCHAT_BASE_DIR)")
@@ -149,6 +153,7 @@ def main(argv=None):
     # the command is split off by hand: argparse would take the command's own flags for ours
     argv = sys.argv[1:] if argv is None else list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
+    # everything after the first "--" is the stage's command, word for word
     args, command = parser.parse_args(argv[:split]), argv[split + 1:]
     if args.action == "write" and not command:
         parser.error("write needs the stage's command after --")
@@ -160,6 +165,7 @@ def main(argv=None):
             base_dir = get_base_dir()
         args.dir = stages_dir(base_dir)
     try:
+        # status prints one word, which speedrun.sh reads with $(...) and a case statement
         if args.action == "status":
             print(stage_status(args.dir, args.name, command or None))
         elif args.action == "write":

@@ -6,6 +6,14 @@ letter has the highest logit right after <|assistant_start|>, so a model is neve
 words around its answer. Generative tasks sample replies through the Engine (with tool use) and count
 a problem as solved if any of the num_samples replies is right (pass@k). Problems are strided across
 ranks; all_reduce_counts sums the (passed, total) pairs (all_reduce_sums any figures).
+
+What a categorical problem looks like to the model (tasks/common.py render_mc), and the one position read:
+
+    <|bos|><|user_start|>Multiple Choice question: What is the capital of France?
+    - Berlin=A
+    - Paris=B
+    ...
+    Respond only with the letter of the correct answer.<|user_end|><|assistant_start|>   <- logits of A, B, C, D here
 """
 import time
 

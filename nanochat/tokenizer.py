@@ -120,6 +120,7 @@ class RustBPETokenizer:
                                  f"`python -m scripts.tok_train --convert-pickle {tokenizer_dir}` (it reads only plain data "
                                  f"from the pickle and refuses anything else), or retrain with `python -m scripts.tok_train`")
             raise FileNotFoundError(f"no tokenizer at {config_path}: train one first with `python -m scripts.tok_train`")
+        # the config first: it is small, and says how many merges the ranks file must hold
         config = _load_tokenizer_file(config_path, read_tokenizer_config)
         ranks_path = os.path.join(tokenizer_dir, RANKS_FILE)
         mergeable_ranks = _load_tokenizer_file(ranks_path, read_mergeable_ranks)
@@ -204,7 +205,11 @@ class RustBPETokenizer:
         <|assistant_end|>). train_on="all" (midtraining, which is still pretraining-like): the user's turns
         and the chat tokens too. Either way never <|bos|> and never the tool output (<|output_start|> ...
         <|output_end|>): the engine forces that in at inference, the model never has to produce it.
-        Truncated to max_tokens.
+        Truncated to max_tokens. For a one-turn exchange the mask is:
+
+            <|bos|> <|user_start|> Hi <|user_end|> <|assistant_start|> Hello <|assistant_end|>
+               0          0         0      0               0             1           1          train_on="assistant"
+               0          1         1      1               1             1           1          train_on="all"
         """
         if train_on not in ("assistant", "all"):
             raise ValueError(f"train_on must be 'assistant' or 'all' (got {train_on!r})")
@@ -254,6 +259,7 @@ class RustBPETokenizer:
     def render_for_completion(self, conversation):
         """Prompt the assistant's next reply: drop a trailing assistant message, end with <|assistant_start|>."""
         messages = normalize_conversation(conversation, allow_ending_with_user=True)
+        # a task's conversation ends with the reference answer: it is dropped, so the model has to produce it
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         if not messages:

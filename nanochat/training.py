@@ -4,7 +4,8 @@ The optimisation step every training stage takes (base, mid, SFT, RL), and the s
 A stage's loop, written out in its script, is: evaluate when due, save when due, then one train_step.
 train_step runs grad_accum_steps micro-batches forward and backward, then every optimizer once:
 gradient accumulation makes a step of total_batch_size tokens out of micro-batches that fit in memory,
-so one GPU and eight take the same optimizer steps, one just more slowly.
+so one GPU and eight take the same optimizer steps, one just more slowly. With base_train's defaults a step
+is 524,288 tokens: 8 GPUs x 32 rows x 2048 tokens is one micro-batch each; a single GPU runs 8 in a row.
 
 The one idea worth reading twice is the loss normalisation: the loss of a step is the mean over every
 target token the step saw, on every rank, whatever the micro-batch split (see train_step's docstring).
@@ -40,7 +41,7 @@ def get_lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_
         return (step + 1) / warmup_iters
     if step <= num_iterations - warmdown_iters:
         return 1.0
-    # progress falls from 1 at the start of the warmdown to 0 at the last step
+    # progress falls linearly from 1 where the warmdown starts to 0 at step num_iterations
     progress = (num_iterations - step) / warmdown_iters
     return progress + (1 - progress) * final_lr_frac
 

@@ -7,6 +7,7 @@ MFU (model FLOPs utilisation, PaLM, Chowdhery et al. 2022) is the FLOPs the mode
 the tokens per second, over the hardware's peak: ~6 N FLOPs per token for N parameters (forward 2N,
 backward 4N) plus attention (GPT.estimate_flops). It says how much of the GPU the code uses whatever the
 model size; the peak is the dense bf16 tensor-core figure of the GPU, and MFU is n/a where it is unknown.
+For scale (dev/BENCHMARKS.md): one H200 training depth 20 ran 165,296 tok/s, 54.2% MFU of its 989 TFLOP/s.
 
 Times cover the training steps only (evals and saves are left out), and the ETA ignores the first steps,
 where torch.compile and the allocator warm up. A resumed run carries on the time and the smoothed loss of
@@ -44,6 +45,7 @@ GPU_BF16_PEAK_FLOPS = [
 
 def get_peak_flops(device):
     """bf16 peak of the device, or None when unknown (CPU, MPS, an unlisted GPU): MFU is then reported as n/a."""
+    # a CPU's peak depends on its cores, clock and vector units (AMX or not), which no name lookup can give
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -117,10 +119,12 @@ class StepLogger:
         self.previous_time = resumed_meta.get("total_training_time", 0.0)  # training time of the run before a resume
         self.smooth_loss = resumed_meta.get("smooth_train_loss", 0.0)  # EMA of the training loss, for readable logs
         self.ema_beta = ema_beta
+        # running sums for summary(): the mean MFU and the steady-state tok/s of the whole run
         self.mfu_sum, self.mfu_count, self.steady_tokens = 0.0, 0, 0
 
     @property
     def total_time(self):
+        # training time across resumes: the run before the interruption plus this process's steps
         return self.previous_time + self.timer.elapsed
 
     def state_dict(self):
@@ -156,6 +160,7 @@ class StepLogger:
 
     def log_eval(self, step, metrics, note=""):
         """An evaluation after `step` steps, {name: value}: its line, wandb (val/<name>, "val bpb" as val/bpb) and the curve."""
+        # wandb keys without spaces: "val bpb" -> "val/bpb", next to train/loss
         print0(f"step {step:05d} | " + " | ".join(f"{name} {value:.4f}" for name, value in metrics.items()) + note)
         self.compute.wandb.log({"step": step, **{f"val/{name.removeprefix('val ')}": value for name, value in metrics.items()}})
         if self.stage is not None:

@@ -24,8 +24,8 @@ def save_training_state(checkpoint_dir, step, model, optimizers, loader, compute
     follows from the step alone (RL). meta: the stage's own figures; the step, model config and world size
     that a resume checks are added here.
     """
-    # torch's global generators: whatever a stage draws from them after the resume (the samples it prints, say)
-    # continues the same sequence as in the uninterrupted run
+    # torch's global generators: whatever a stage draws from them after the resume continues the same sequence
+    # as in the uninterrupted run
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(compute.device) if compute.device.type == "cuda" else None}
     # per rank, in that rank's shard: each rank has its own optimizer slice, its own place in the data and its
     # own generator state. Plain tensors, numbers, lists and dicts only, so it loads with weights_only=True.
@@ -46,6 +46,7 @@ def resume_if_asked(parser, args, checkpoint_dir, model, optimizers, compute, hi
             args.resume_from_step = whole_steps[-1]
         else:
             print0(f"no saved step in {checkpoint_dir}: starting fresh")
+    # a fresh start: step 0, the loader from the beginning of its data, no figures carried over
     if args.resume_from_step is None:
         return 0, None, {}
     try:

@@ -91,6 +91,7 @@ def test_torchrun_matches_one_process_with_twice_the_accumulation(trained_base_d
     dist_weights, _, _ = load_checkpoint(checkpoint_dir, steps, "cpu")
 
     # the same run in this process: one loader per rank's shard, gradients accumulated over both
+    from nanochat.cpu_autograd import CPU_TRAINING_OPS
     from nanochat.dataloader import PretrainLoader
     from nanochat.training import get_muon_momentum, set_learning_rates, set_muon_momentum
 
@@ -100,6 +101,7 @@ def test_torchrun_matches_one_process_with_twice_the_accumulation(trained_base_d
         model = GPT(dataclasses.replace(model_config_from_depth(2, tiny_tokenizer.get_vocab_size(), 64), value_embeds=True))
     model.to_empty(device="cpu")
     model.init_weights()
+    model.use_ops(CPU_TRAINING_OPS)  # as the script trains on a CPU (training_setup.prepare_model)
     optimizers = model.setup_optimizers(compute_dtype=torch.float32)
     loaders = [PretrainLoader(tiny_tokenizer, 8, 64, "train", rank=r, world_size=2) for r in range(2)]
     for step in range(steps):
@@ -190,6 +192,8 @@ def test_grad_accum_and_schedule_helpers():
 def test_compile_is_used_where_it_was_measured_to_win():
     import types
 
+    from nanochat.cpu_autograd import CPU_TRAINING_OPS
+    from nanochat.gpt import PLAIN_OPS
     from nanochat.training_setup import prepare_model, should_compile
 
     compute = lambda device, dtype: types.SimpleNamespace(device=torch.device(device), dtype=dtype)
@@ -199,6 +203,10 @@ def test_compile_is_used_where_it_was_measured_to_win():
     assert not should_compile(compute("cpu", torch.bfloat16), dynamic=True)  # SFT's changing shapes
     assert should_compile(compute("cpu", torch.float32), "1")
     assert not should_compile(compute("cpu", torch.bfloat16), "0")
-    model = torch.nn.Linear(2, 2)
+    model = GPT(model_config_from_depth(1, 64, 8))
     assert prepare_model(model, compute("cpu", torch.float32)) is model
+    assert model.ops is CPU_TRAINING_OPS  # on a CPU the speed layer of hand-written backwards is plugged in
     assert prepare_model(model, compute("cpu", torch.float32), "1") is not model  # a compiled wrapper (compiles lazily)
+    gpu_model = GPT(model_config_from_depth(1, 64, 8))
+    prepare_model(gpu_model, compute("cuda", torch.bfloat16), "0")
+    assert gpu_model.ops is PLAIN_OPS  # on a GPU the plain ops, which torch.compile fuses
