@@ -114,6 +114,7 @@ class Replica:
         self.thread = threading.Thread(target=self.loop, name=f"replica{index}", daemon=True)
 
     def loop(self):
+        """The replica's thread: admit, step, retire, until the batcher closes."""
         while not self.batcher.closed:
             try:
                 self.iterate()
@@ -123,6 +124,9 @@ class Replica:
                     self.finish(reply, "error", f"generation failed: {type(e).__name__}")
 
     def iterate(self):
+        """One turn of the loop. New requests are admitted first, so a request that arrives during a step joins the
+        very next one; rows waiting on a tool call sit out; with nothing to step, the thread sleeps until woken
+        (a submit, a finished tool call) or, while tool calls run, for IDLE_WAIT_S to notice cancellations."""
         for request in self.batcher.take_waiting(self):
             self.admit(request)
         self.collect_tool_outputs()
@@ -134,10 +138,13 @@ class Replica:
             self.batcher.wait_for_work(self, IDLE_WAIT_S if self.replies else None)
 
     def admit(self, request):
+        """Prefill a request's prompt into a free slot and take its first token. The prompt is prefilled alone, never
+        with other rows, so its keys and values, and so its reply, do not depend on the batch it joins."""
         reply = Reply(request, self.free_slots.pop(), self.engine)
         if request.cancelled.is_set() or reply.max_tokens <= 0:
             return self.finish(reply, "cancelled" if request.cancelled.is_set() else "length")
         try:
+            # room for the whole reply now: growing the cache later copies every slot, in the middle of other replies
             self.cache.reserve(len(request.prompt) + reply.max_tokens, self.engine.cache_dtype, self.engine.device)
             self.cache.lengths[reply.row.slot] = 0
             logits = self.engine.prefill(request.prompt, self.cache, reply.row.slot)
@@ -149,6 +156,7 @@ class Replica:
         self.advance([reply], logits)
 
     def step(self, replies):
+        """One decode step for the replies that have a token to feed: one forward pass for all of them."""
         try:
             logits = self.engine.step(self.cache, [reply.row for reply in replies], self.row_multiple)
         except Exception as e:
@@ -170,16 +178,20 @@ class Replica:
             elif reply.generated >= reply.max_tokens:
                 self.finish(reply, "length")
             elif id(reply.row) in tool_calls:
+                # the call runs on the pool (a sandboxed interpreter takes ~20 ms, a slow program up to its timeout) while
+                # the other rows keep decoding; the callback wakes the loop, which forces the output in at the next turn
                 reply.tool_call = self.tools.submit(self.engine.tool_output_tokens, tool_calls[id(reply.row)])
                 reply.tool_call.add_done_callback(lambda _: self.batcher.wake())
 
     def collect_tool_outputs(self):
+        """Rows whose tool call finished get its output queued as forced tokens and rejoin the steps."""
         for reply in self.replies:
             if reply.tool_call is not None and reply.tool_call.done():
                 reply.row.forced_tokens.extend(reply.tool_call.result())  # tool_output_tokens turns any failure into text
                 reply.tool_call = None
 
     def retire_cancelled(self):
+        """A client that hung up (the server cancels its request) frees its slot before the next step, not after max_tokens."""
         for reply in [reply for reply in self.replies if reply.request.cancelled.is_set()]:
             self.finish(reply, "cancelled")
 
@@ -234,6 +246,8 @@ class Batcher:
     def submit(self, request):
         """Queue a request for the next free slot. Raises QueueFull when the slots and the queue are all taken."""
         with self.lock:
+            # a bounded queue: beyond it a client is better served by a quick 503 and Retry-After than by a request
+            # that waits minutes and times out anyway, holding a connection and memory meanwhile
             free = sum(self.max_batch - replica.in_flight for replica in self.replicas)
             if len(self.waiting) >= self.queue_size + free:
                 self.stats["requests_rejected"] += 1
@@ -253,7 +267,8 @@ class Batcher:
             self.lock.notify_all()
 
     def take_waiting(self, replica):
-        """The requests `replica` may admit now (as many as it has free slots)."""
+        """The requests `replica` may admit now (as many as it has free slots). One shared queue, taken from by every
+        replica as it frees slots: a request goes to whichever GPU has room first, not to a fixed one."""
         taken = []
         with self.lock:
             while self.waiting and replica.in_flight < self.max_batch:
@@ -262,21 +277,25 @@ class Batcher:
         return taken
 
     def wait_for_work(self, replica, timeout):
+        """Sleep until there is something to admit (or timeout, or close): an idle replica costs no CPU."""
         with self.lock:
             if not (self.waiting and replica.in_flight < self.max_batch) and not self.closed:
                 self.lock.wait(timeout)
 
     def wake(self):
+        """Called from a tool-call thread when its call ends: the replica waiting on it has work again."""
         with self.lock:
             self.lock.notify_all()
 
     def retired(self, replica, reply):
+        """A reply left its replica: one slot free for the queue."""
         with self.lock:
             replica.in_flight -= 1
             self.stats["requests_served"] += 1
             self.lock.notify_all()
 
     def count_tokens(self, count):
+        """Tokens generated, per second for the last minute (the rate /stats reports), and in all."""
         now = int(time.time())
         with self.lock:
             self.stats["tokens_generated"] += count

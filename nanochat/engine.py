@@ -61,7 +61,9 @@ class KVCache:
         self.step_slots, self.step_starts, self.padded_rows = [], [], 0
 
     def reserve(self, positions, dtype, device):
-        """Room for `positions` per slot, in dtype on device, keeping what is stored (it grows by CACHE_CHUNK)."""
+        """Room for `positions` per slot, in dtype on device, keeping what is stored (it grows by CACHE_CHUNK).
+        One preallocated tensor, not a list of per-token tensors: a decode step writes into it in place, where
+        growing by concatenation would copy the whole cache at every token."""
         if self.cache is not None and positions <= self.capacity:
             return
         capacity = -(-positions // CACHE_CHUNK) * CACHE_CHUNK
@@ -78,7 +80,8 @@ class KVCache:
         self.padded_rows = max(padded_rows or 0, len(self.step_slots))
 
     def start_positions(self):
-        """Where each row's tokens start: an int when every row starts at the same position, else a tensor [rows]."""
+        """Where each row's tokens start: an int when every row starts at the same position, else a tensor [rows].
+        GPT.forward turns it into rotary angles: a slice of the table for an int, a gather for per-row starts."""
         starts = self.step_starts + [0] * (self.padded_rows - len(self.step_starts))  # padding sits at 0: a valid angle
         if len(set(starts)) == 1:
             return starts[0]
@@ -90,6 +93,7 @@ class KVCache:
         (B may include padding rows) -> [B, H, T, D], each row over its slot's positions up to its own tokens.
         """
         rows, T = len(self.step_slots), q.size(2)
+        # allocated here on first use, in the keys' dtype: bf16 under autocast on a GPU, whatever the weights are
         self.reserve(max(self.step_starts) + T, k.dtype, k.device)
         keys, values = self.cache[layer_idx, 0], self.cache[layer_idx, 1]
         first, start = self.step_slots[0], self.step_starts[0]
@@ -109,10 +113,13 @@ class KVCache:
                 outputs.append(causal_attention(q[row:row + 1], keys[slot:slot + 1, :, :start + T],
                                                 values[slot:slot + 1, :, :start + T], start))
         if q.size(0) > rows:
+            # padding rows (Engine.step's row_multiple) attend to nothing: zeros, whose logits nobody reads
             outputs.append(q.new_zeros((q.size(0) - rows,) + q.shape[1:]))
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     def end_step(self, tokens_per_row=1):
+        """After the forward pass: each fed slot now holds its keys up to its row's last token. (max: a prompt fed
+        as one step has one row per token in the same slot, each one position further.)"""
         for slot, start in zip(self.step_slots, self.step_starts):
             self.lengths[slot] = max(self.lengths[slot], start + tokens_per_row)
 
@@ -124,6 +131,7 @@ class KVCache:
             self.lengths[target] = length
 
     def bytes_per_position(self):
+        """Cache memory per token position per slot (keys and values of every layer): what /stats reports in use."""
         return 0 if self.cache is None else self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.cache.element_size()
 
 
@@ -135,12 +143,18 @@ def causal_attention(q, k, v, start):
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if start == 0:  # a prompt into an empty slot
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    # a chunk after a cached prefix: query i (position start + i) sees keys 0 .. start + i
     mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
-    """logits [B, V] -> token ids [B, 1]. temperature 0 is greedy; top_k None/0 and top_p None/1 mean no filtering."""
+    """
+    logits [B, V] -> token ids [B, 1]. temperature 0 is greedy; top_k None/0 and top_p None/1 mean no filtering.
+    Temperature divides the logits (below 1 sharpens the distribution, above 1 flattens it); top-k keeps the k most
+    likely tokens; top-p (nucleus sampling, Holtzman et al. 2019) the fewest whose probabilities add up to p, so the
+    cut adapts to how sure the model is. rng: a torch.Generator, so a seed reproduces the samples.
+    """
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
     vocab_size = logits.size(-1)
@@ -245,10 +259,17 @@ class Row:
         self.greedy = temperature == 0.0 or top_k == 1
 
     def sampling(self):
+        """What decides how this row samples: rows with equal keys are sampled in one multinomial call. The generator
+        is part of it: Engine.generate's rows share one (as a batch they draw the same stream as ever), each server
+        request has its own (its seed reproduces its reply whatever else is in the batch)."""
         return (id(self.rng), self.temperature, self.top_k, self.top_p)
 
 
 class Engine:
+    """
+    A model ready to generate: it owns how decode steps run here (GPT.forward, or the CPU decoder), the chat
+    format's special tokens, and tool calls. One per model replica; Engine.generate and the server both use it.
+    """
 
     def __init__(self, model, tokenizer, tool_timeout=2.0, run_tools=True, allow_weak_sandbox=True, cpu_weight_dtype=torch.float32,
                  decoder="auto"):
@@ -283,6 +304,7 @@ class Engine:
         return f"GPT.forward with {str(next(self.model.parameters()).dtype).removeprefix('torch.')} weights on {self.device.type}"
 
     def new_cache(self, num_slots, positions):
+        """A KVCache of num_slots sequences with room for `positions` tokens each, in the dtype the steps write."""
         config = self.model.config
         cache = KVCache(num_slots, config.n_layer, config.n_kv_head, config.n_embd // config.n_head)
         cache.reserve(positions, self.cache_dtype, self.device)

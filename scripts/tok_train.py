@@ -62,23 +62,22 @@ if args.max_chars <= 0 or args.doc_cap <= 0:
     parser.error("--max-chars and --doc-cap must be positive")
 print0(f"max_chars: {args.max_chars:,}  doc_cap: {args.doc_cap:,}  vocab_size: {args.vocab_size:,}")
 
-chars_seen = 0
-
-
-def text_iterator():
-    """Documents from the train split, each capped at doc_cap characters, up to max_chars in total."""
-    global chars_seen
+def text_iterator(seen):
+    """Documents from the train split, each capped at doc_cap characters, up to max_chars in total; seen["chars"]
+    counts what the trainer was given (the last document may cross the limit)."""
     for documents in parquets_iter_batched(split="train"):
         for document in documents:
             document = document[: args.doc_cap]  # a few huge documents must not dominate the pair counts
-            chars_seen += len(document)
+            seen["chars"] += len(document)
             yield document
-            if chars_seen >= args.max_chars:
+            if seen["chars"] >= args.max_chars:
                 return
 
 
 start = time.time()
-tokenizer = RustBPETokenizer.train_from_iterator(text_iterator(), args.vocab_size)
+seen = {"chars": 0}
+tokenizer = RustBPETokenizer.train_from_iterator(text_iterator(seen), args.vocab_size)
+chars_seen = seen["chars"]
 train_time = time.time() - start
 print0(f"Trained on {chars_seen:,} characters in {train_time:.1f}s ({chars_seen / 1e6 / max(train_time, 1e-9):.2f} M chars/s)")
 
