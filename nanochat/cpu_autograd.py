@@ -21,6 +21,7 @@ from nanochat.gpt import LOGIT_SOFTCAP, Ops, apply_rotary_emb, relu_squared, sof
 
 
 def differentiating(x):
+    """Whether autograd will need a backward through x: only then is a hand-written one worth calling."""
     return x.requires_grad and torch.is_grad_enabled()
 
 
@@ -121,23 +122,29 @@ class SoftcapCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # the gradients were computed in forward; backward only scales them by the loss's incoming gradient
+        # (1 when the loss itself is backpropagated, as in train_step)
         grad_x, grad_weight = ctx.saved_tensors
         return grad_x * grad_loss, grad_weight * grad_loss, None, None, None, None
 
 
 def norm(x):
+    """gpt.norm, with RMSNorm's backward written out while training."""
     return RMSNorm.apply(x) if differentiating(x) else F.rms_norm(x, (x.size(-1),))
 
 
 def rotary(x, cos, sin):
+    """gpt.apply_rotary_emb, with its backward (the inverse rotation) written out while training."""
     return Rotary.apply(x, cos, sin) if differentiating(x) else apply_rotary_emb(x, cos, sin)
 
 
 def relu_squared_op(x):
+    """gpt.relu_squared, with its backward written out while training."""
     return ReluSquared.apply(x) if differentiating(x) else relu_squared(x)
 
 
 def loss(x, head_weight, targets, reduction="mean"):
+    """gpt.softcap_cross_entropy, computed in chunks with the gradients while training ("mean" or "sum")."""
     # per-token losses ("none", RL's weighted loss) need the logits anyway: the plain path
     if reduction == "none" or not (differentiating(x) or differentiating(head_weight)):
         return softcap_cross_entropy(x, head_weight, targets, reduction)

@@ -297,9 +297,11 @@ class GPT(nn.Module):
         return 6 * (self.num_params() - nparams_embedding) + attention
 
     def embedding_parameters(self):
+        """Lookup tables (token and value embeddings): trained by AdamW, and left out of the FLOP count."""
         return list(self.transformer.wte.parameters()) + list(self.value_embeds.parameters())
 
     def scalar_parameters(self):
+        """The per-layer gains of x0 mixing (none without it)."""
         return [self.resid_lambdas, self.x0_lambdas] if self.config.x0_mixing else []
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, compute_dtype=None,
@@ -311,6 +313,8 @@ class GPT(nn.Module):
         Returns [adamw, muon]; both carry "initial_lr" in each param group for the lr schedule.
         """
         from nanochat.optim import make_adamw, make_muon
+        # Muon orthogonalises each update, which only makes sense for a matrix that maps activations to activations;
+        # the embedding (a lookup, one row per token) and the head (read out per token) keep AdamW's per-entry steps
         matrix_params = list(self.transformer.h.parameters())
         embedding_params = self.embedding_parameters()
         head_params = list(self.lm_head.parameters())
@@ -346,8 +350,11 @@ class GPT(nn.Module):
         the sequence the cache holds for it: its tokens sit at the positions after it, and attend to it.
         """
         B, T = idx.size()
+        # training sees positions 0..T-1; with a cache each row continues where its slot's sequence left off
         cos, sin = self.rotary_angles(0 if kv_cache is None else kv_cache.start_positions(), T)
         ops = self.ops
+        # the embedding is normalised too: with its std-1 init and a learning rate 50x the head's, it would otherwise
+        # set the scale of the whole residual stream
         x = x0 = ops.norm(self.transformer.wte(idx))
         for i, block in enumerate(self.transformer.h):
             if self.config.x0_mixing:
@@ -356,7 +363,10 @@ class GPT(nn.Module):
             x = block(x, cos, sin, kv_cache, value_embed, ops)
         x = ops.norm(x)
         if targets is None:
+            # logits in fp32 whatever the compute dtype: sampling and the eval losses compare small differences
             return softcap(self.lm_head(x).float())
+        # the loss is computed from the final activations and the head together, so a speed layer can do both in one
+        # pass without materialising the [B*T, vocab] logits (nanochat/cpu_autograd.py)
         loss = ops.loss(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
 
@@ -376,7 +386,8 @@ class GPT(nn.Module):
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
-        """Naive sampling (re-runs the whole sequence each step, no cache): the reference the engine is tested against."""
+        """Naive sampling (re-runs the whole sequence each step, no cache): the reference the engine is tested against,
+        and all base_train needs for its few sample prompts. Each token costs a forward over everything so far."""
         assert isinstance(tokens, list)
         device = self.get_device()
         rng = torch.Generator(device=device)
