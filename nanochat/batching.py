@@ -66,6 +66,7 @@ class GenerationRequest:
     top_p: float = None
     seed: int = None  # None: a fresh random one
     stop: list = field(default_factory=list)  # stop sequences (text): the reply ends before the first one
+    # set by the server when the client hangs up; an Event because two threads read it (the loop and the server's)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -86,7 +87,12 @@ class Reply:
         self.tool_call = None  # a Future while this row's tool call runs
 
     def add_text(self, piece):
-        """Take the text of one more token; emit what can no longer become a stop sequence. True: a stop sequence hit."""
+        """
+        Take the text of one more token; emit what can no longer become a stop sequence. True: a stop sequence hit.
+        A stop sequence may arrive split over tokens ("\n\nUser" as "\n", "\nUs", "er"), so the last
+        len(longest stop) - 1 characters are held back until the next token shows whether they start one: the client
+        never receives text that a stop sequence then cuts off.
+        """
         self.pending_text += piece
         hits = [self.pending_text.find(s) for s in self.request.stop if s in self.pending_text]
         if hits:
@@ -202,12 +208,14 @@ class Replica:
             request.emit("error", error)
         else:
             if reason == "length":
+                # cut off mid-character: the bytes held for a multi-byte character go out as a replacement character
                 reply.pending_text += reply.decoder.flush()
             if reply.pending_text:
                 request.emit("text", reply.pending_text)
             request.emit("end", reason, reply.generated)
         if reply in self.replies:
             self.replies.remove(reply)
+        # the slot's keys stay in memory, but with length 0 nothing reads them: the next reply overwrites them
         self.cache.lengths[reply.row.slot] = 0
         self.free_slots.append(reply.row.slot)
         self.batcher.retired(self, reply)
