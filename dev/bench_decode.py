@@ -33,7 +33,10 @@ parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (the best is reported)")
 parser.add_argument("--skip-naive", action="store_true", help="skip the no-cache baseline (slow for big models)")
 parser.add_argument("--batch-sizes", type=str, default="1,8", help="comma-separated decode batch sizes (rows per step)")
-parser.add_argument("--dtypes", type=str, default="float32,bfloat16", help="comma-separated weight dtypes to measure")
+parser.add_argument("--dtypes", type=str, default="float32,bfloat16",
+                    help="comma-separated weight dtypes to measure (auto: what the chat server picks here)")
+parser.add_argument("--decoders", type=str, default="auto",
+                    help="comma-separated decode paths: auto (the CPU decoder where it runs), torch (always GPT.forward)")
 args = parser.parse_args()
 torch.set_num_threads(args.threads)
 device = torch.device(args.device)
@@ -143,15 +146,16 @@ def time_naive(engine, batch_size):
     return batch_size * args.max_tokens / best
 
 
-for dtype_name in args.dtypes.split(","):
-    # the inference copy the chat server makes: bf16 weights, or (CPU without AMX) fp32 with bf16 decode kernels
-    typed_model, cpu_weight_dtype = prepare_for_inference(copy.deepcopy(model), dtype_name)
-    element_bytes = torch.finfo(getattr(torch, dtype_name)).bits // 8
-    weight_bytes = sum(p.numel() * element_bytes for p in typed_model.parameters()
+for decoder_name, dtype_name in [(d, t) for d in args.decoders.split(",") for t in args.dtypes.split(",")]:
+    # the inference copy the chat server makes (engine.prepare_for_inference): on a CPU with the CPU decoder, float32
+    # weights and the decoder's own copy in dtype_name; otherwise the model itself in the training rule's dtype
+    typed_model, decode_path = prepare_for_inference(copy.deepcopy(model), dtype_name, decoder_name)
+    engine = Engine(typed_model, SpecialTokensOnly(args.vocab_size), **decode_path)
+    read_dtype = engine.cpu_decoder.weight_dtype if engine.cpu_decoder is not None else next(typed_model.parameters()).dtype
+    weight_bytes = sum(p.numel() * torch.finfo(read_dtype).bits // 8 for p in typed_model.parameters()
                        if p is not typed_model.transformer.wte.weight)  # the embedding is a lookup: one row per token
     limit = bandwidth * 1e9 / weight_bytes
-    engine = Engine(typed_model, SpecialTokensOnly(args.vocab_size), cpu_weight_dtype=cpu_weight_dtype)
-    print(f"{dtype_name} ({engine.describe()}): {weight_bytes / 1e6:.0f} MB of weights read per decode step: "
+    print(f"{decoder_name}/{dtype_name}: {engine.describe()}: {weight_bytes / 1e6:.0f} MB of weights read per decode step: "
           f"bandwidth limit {limit:.0f} tok/s at batch 1")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     batcher = Batcher([engine], max_batch=max(batch_sizes), queue_size=max(batch_sizes))
@@ -165,3 +169,4 @@ for dtype_name in args.dtypes.split(","):
         if batch_size == 1:
             line += f" | {weight_bytes * cached / 1e9:.1f} GB/s of weight reads, {cached / limit:.0%} of the limit"
         print(line, flush=True)
+    batcher.close()

@@ -54,6 +54,9 @@ parser.add_argument("--server-script", type=str, default=None,
                     help="start this file as the server instead of scripts.chat_web (e.g. an older chat_web.py, to compare)")
 parser.add_argument("--before-script", type=str, default=None,
                     help="also load this older chat_web.py (first, same checkpoint) and print ratios against it")
+parser.add_argument("--before-flags", type=str, default=None,
+                    help="also serve this checkout's chat_web with these extra flags first (e.g. \"--dtype float32\") and "
+                         "print ratios against it: two settings of one server, side by side")
 parser.add_argument("--before-root", type=str, default=None,
                     help="like --before-script, with a whole older checkout: its scripts/chat_web.py on its own nanochat package")
 args = parser.parse_args()
@@ -83,7 +86,7 @@ def write_checkpoint():
     return base_dir
 
 
-def start_server(base_dir, script=None, root=None):
+def start_server(base_dir, script=None, root=None, flags=()):
     """chat_web (or an older `script`, or an older checkout's at `root`) on a free port; only the current server
     gets --max-batch."""
     with socket.socket() as s:
@@ -94,7 +97,7 @@ def start_server(base_dir, script=None, root=None):
     # a --server-script imports nanochat too; a PYTHONPATH of ours comes after (e.g. an older build of an extension)
     env = {**os.environ, "NANOCHAT_BASE_DIR": base_dir,
            "PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")]))}
-    server = [script] if script else ["-m", "scripts.chat_web", "--max-batch", str(args.max_batch)]
+    server = [script] if script else ["-m", "scripts.chat_web", "--max-batch", str(args.max_batch), *flags]
     process = subprocess.Popen([sys.executable, *server, "--host", "127.0.0.1", "--port", str(port),
                                 "--device-type", args.device_type, "--threads", str(args.threads), "--queue-size", "1000"], env=env)
     url = f"http://127.0.0.1:{port}"
@@ -204,8 +207,8 @@ def main():
         return load_test(args.url, "server")
     base_dir = write_checkpoint()
     before = None
-    if args.before_script or args.before_root:
-        url, process = start_server(base_dir, args.before_script, args.before_root)
+    if args.before_script or args.before_root or args.before_flags:
+        url, process = start_server(base_dir, args.before_script, args.before_root, (args.before_flags or "").split())
         try:
             before = load_test(url, "before")
         finally:

@@ -323,7 +323,7 @@ class Batcher:
             now = int(time.time())
             last_minute = sum(count for second, count in self.tokens_per_second if second >= now - 60)
             caches = [replica.cache for replica in self.replicas]
-            return {"replicas": len(self.replicas), "max_batch": self.max_batch,
+            return {"replicas": len(self.replicas), "max_batch": self.max_batch, "decode": self.replicas[0].engine.describe(),
                     "rows_in_flight": self.rows_in_flight(), "requests_waiting": len(self.waiting),
                     "queue_size": self.queue_size, "tokens_per_s_last_minute": round(last_minute / 60, 1),
                     "kv_cache_bytes_in_use": sum(sum(c.lengths) * c.bytes_per_position() for c in caches),

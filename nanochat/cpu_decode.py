@@ -30,6 +30,9 @@ Buffers, not addresses. Tensors go to Rust as numpy arrays over their memory; th
 item type, contiguity, writability and shape against the model, and every token, slot and position against
 the vocabulary, the cache and the rotary table: a wrong input is a ValueError, never a read past a buffer.
 """
+import statistics
+import time
+
 import numpy
 import torch
 import torch.nn.functional as F
@@ -163,3 +166,30 @@ class CPUDecoder:
         value_embed = model.value_embeds[str(i)].weight.detach() if str(i) in model.value_embeds else None
         lambdas = (model.resid_lambdas[i].item(), model.x0_lambdas[i].item()) if model.config.x0_mixing else None
         return (*panels, None if value_embed is None else as_buffer(value_embed, f"value_embeds[{i}]"), lambdas)
+
+
+def seconds_per_step(step, cache, steps):
+    """The median time of `steps` one-row decode steps (after two to warm caches and threads), each one position on."""
+    times = []
+    for position in range(steps + 2):
+        started = time.perf_counter()
+        step([1], cache, [0], [position])
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[2:])
+
+
+def probe_weight_dtype(model, steps=12):
+    """
+    Which copy of the weights decodes faster on this CPU at batch 1, the latency a lone chat client feels:
+    -> (torch.float32 or torch.bfloat16, {dtype: seconds per step}). bf16 panels halve the bytes a step streams
+    (1.1-1.4x at depth 4 on a 2-core EPYC) but cost a widening per weight; which wins depends on the CPU's
+    memory bandwidth against its arithmetic, so it is measured, not assumed (~12 steps of each, ~50 ms at depth 4).
+    """
+    config = model.config
+    cache = torch.zeros(config.n_layer, 2, 1, config.n_kv_head, steps + 2, config.n_embd // config.n_head)
+    timings = {}
+    for weight_dtype in (torch.float32, torch.bfloat16):
+        decoder = CPUDecoder(model, weight_dtype)
+        timings[weight_dtype] = seconds_per_step(decoder.step, cache, steps)
+        del decoder  # one packed copy at a time
+    return min(timings, key=timings.get), timings

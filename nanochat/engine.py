@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.calculator import NotCalculable, calculate
-from nanochat.common import cpu_has_fast_bf16, get_compute_dtype
+from nanochat.common import get_compute_dtype
 from nanochat.execution import execute_code, sandbox_is_strong
 
 try:  # a speed layer, optional: without it (or without its Rust extension) steps run through GPT.forward
@@ -223,24 +223,36 @@ def tool_program(code):
         return code
 
 
-def prepare_for_inference(model, dtype="auto"):
+def prepare_for_inference(model, dtype="auto", decoder="auto"):
     """
-    -> (the model in its inference dtype, in eval mode; the dtype of the CPU decoder's own copy of the weights).
-    Decode reads every weight for every token, so bf16 weights halve the bytes per token (autocast would instead
-    re-cast the fp32 weights at every step). dtype "auto" decides as training does (common.get_compute_dtype):
-    bf16 on CUDA and on CPUs with AMX, fp32 elsewhere (without AMX, bf16 matmuls are emulated: slower, not faster).
-    On a CPU without AMX an explicit "bfloat16" keeps the model in fp32 and gives only the CPU decoder a bf16
-    copy: fp32 activations, half the weight bytes, no emulated matmuls.
+    Choose how a model decodes here, by what is fastest for decode (not by the training rule): -> (the model in
+    its inference dtype, in eval mode; the Engine's keyword arguments for that path, "why" included for the logs).
+
+    On a CPU with the CPU decoder built (nanochat/cpu_decode.py), it decodes whatever the CPU: the model stays in
+    float32 and the decoder packs its own copy of the weights, in float32 or in bfloat16 panels (half the bytes a
+    step streams, float32 activations). dtype picks the copy; "auto" measures both at batch 1 (probe_weight_dtype).
+    Why not torch's bf16 on a CPU with AMX, which training uses (bf16 matmuls ~5x fp32 there)? At decode's one row
+    per request a step is a few tiny matrix-vector products: measured on a 2-core Sapphire Rapids, torch bf16 decoded
+    190 tok/s at batch 1 against 368 for the float32 kernels, and a lone chat client got 47 tok/s against 225.
+    Elsewhere (a GPU, no CPU decoder, decoder="torch"), GPT.forward decodes in the training rule's dtype
+    (common.get_compute_dtype: bf16 on CUDA and on AMX CPUs, fp32 otherwise), and bf16 weights halve the bytes per
+    token (autocast would instead re-cast the fp32 weights at every step).
     """
-    device = model.get_device()
-    cpu_weight_dtype = torch.float32
-    if get_compute_dtype(device, dtype) == torch.bfloat16:
-        decodable = cpu_decode is not None and cpu_decode.usable(device, next(model.parameters()).dtype)
-        if device.type == "cpu" and not cpu_has_fast_bf16() and decodable:
-            cpu_weight_dtype = torch.bfloat16
+    device, weights = model.get_device(), next(model.parameters())
+    if decoder == "auto" and cpu_decode is not None and cpu_decode.usable(device, weights.dtype):
+        if dtype == "auto":
+            weight_dtype, timings = cpu_decode.probe_weight_dtype(model)
+            measured = ", ".join(f"{str(d).removeprefix('torch.')} {1000 * t:.2f} ms" for d, t in timings.items())
+            why = f"--dtype auto: the faster weight copy at batch 1 on this CPU ({measured} a step)"
         else:
-            model = model.to(torch.bfloat16)
-    return model.eval(), cpu_weight_dtype
+            weight_dtype, why = getattr(torch, dtype), f"--dtype {dtype}"
+        return model.eval(), {"cpu_weight_dtype": weight_dtype, "decoder": "auto", "why": why}
+    compute_dtype = get_compute_dtype(device, dtype)
+    if compute_dtype == torch.bfloat16:
+        model = model.to(torch.bfloat16)
+    reason = ("--decoder torch" if decoder == "torch" else "no CPU decoder here" if device.type == "cpu" else f"a {device.type} device")
+    why = f"{reason}; --dtype {dtype}" + (" (the training rule: bf16 on CUDA and AMX CPUs)" if dtype == "auto" else "")
+    return model.eval(), {"decoder": "torch", "why": why}
 
 
 class Row:
@@ -272,10 +284,12 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, tool_timeout=2.0, run_tools=True, allow_weak_sandbox=True, cpu_weight_dtype=torch.float32,
-                 decoder="auto"):
-        """decoder: "auto" decodes with the CPU decoder where it runs, "torch" always with GPT.forward."""
+                 decoder="auto", why=None):
+        """decoder: "auto" decodes with the CPU decoder where it runs, "torch" always with GPT.forward. why: the reason
+        for that choice (prepare_for_inference's), for the logs and /stats."""
         self.model = model
         self.tokenizer = tokenizer
+        self.why = why
         self.tool_timeout = tool_timeout
         self.run_tools = run_tools  # False: tool calls are generated but not run (nothing is forced in)
         self.allow_weak_sandbox = allow_weak_sandbox  # False: without bubblewrap, only calculator calls run
@@ -298,10 +312,12 @@ class Engine:
             self.autocast, self.cache_dtype = torch.autocast(device_type="cuda", dtype=torch.bfloat16), torch.bfloat16
 
     def describe(self):
-        """How this engine decodes, for logs and /stats."""
+        """How this engine decodes (and why, when prepare_for_inference chose it), for logs and /stats."""
         if self.cpu_decoder is not None:
-            return f"the CPU decoder (Rust, batch-invariant) with {str(self.cpu_decoder.weight_dtype).removeprefix('torch.')} weights"
-        return f"GPT.forward with {str(next(self.model.parameters()).dtype).removeprefix('torch.')} weights on {self.device.type}"
+            path = f"the CPU decoder (Rust, batch-invariant) with {str(self.cpu_decoder.weight_dtype).removeprefix('torch.')} weights"
+        else:
+            path = f"GPT.forward with {str(next(self.model.parameters()).dtype).removeprefix('torch.')} weights on {self.device.type}"
+        return path + (f" ({self.why})" if self.why else "")
 
     def new_cache(self, num_slots, positions):
         """A KVCache of num_slots sequences with room for `positions` tokens each, in the dtype the steps write."""

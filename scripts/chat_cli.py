@@ -61,8 +61,8 @@ def main():
         model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"cannot load the {args.source} model: {e}" if args.source else f"cannot load a model: {e}")
-    model, cpu_weight_dtype = prepare_for_inference(model)
-    engine = Engine(model, tokenizer, cpu_weight_dtype=cpu_weight_dtype)
+    model, decode_path = prepare_for_inference(model)
+    engine = Engine(model, tokenizer, **decode_path)
 
     if args.prompt is not None:
         reply(engine, tokenizer, [{"role": "user", "content": args.prompt}], args)

@@ -393,11 +393,11 @@ def load_engines(args):
     for device in devices:
         try:
             model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-            model, cpu_weight_dtype = prepare_for_inference(model, args.dtype)
+            model, decode_path = prepare_for_inference(model, args.dtype, args.decoder)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"cannot load the {args.source} model: {e}")
         engines.append(Engine(model, tokenizer, allow_weak_sandbox=allow_code_without_sandbox(args.host, args.allow_unsandboxed_code),
-                              cpu_weight_dtype=cpu_weight_dtype))
+                              **decode_path))
     return engines, tokenizer, meta
 
 
@@ -418,8 +418,12 @@ def main():
                         help="replies each replica decodes together (continuous batching); more wait in the queue")
     parser.add_argument("--queue-size", type=int, default=32, help="requests that may wait for a free batch slot before 503")
     parser.add_argument("--dtype", type=str, default="auto", choices=COMPUTE_DTYPES,
-                        help="inference weights: auto = bf16 on CUDA and on CPUs with AMX, else float32 (as training); "
-                             "bfloat16 on a CPU without AMX gives only the decode kernels a bf16 copy")
+                        help="inference weights. With the CPU decoder (a CPU, decode_kernels built): the dtype of its weight "
+                             "copy, auto = whichever decodes faster here (measured at start). Otherwise: auto = bf16 on CUDA "
+                             "and on CPUs with AMX, else float32")
+    parser.add_argument("--decoder", type=str, default="auto", choices=["auto", "torch"],
+                        help="auto = the CPU decoder where it runs (batch-invariant Rust kernels), else GPT.forward; "
+                             "torch = always GPT.forward (on an AMX CPU with --dtype auto: torch's bf16 matmuls)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--request-timeout", type=float, default=10.0,
                         help="seconds a client has to send a whole request (headers and body) before it is "

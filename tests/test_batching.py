@@ -4,6 +4,7 @@ in a batch, so replies under load equal the same replies served alone; rows with
 share a batch; rows that end or are cancelled leave without disturbing the others; replicas share one queue;
 a full queue is refused; a tool call does not stall the batch.
 """
+import copy
 import threading
 import time
 
@@ -134,6 +135,31 @@ def test_a_rows_logits_are_bit_identical_alone_and_in_a_batch(tiny_tokenizer, mo
     for slots in ([0, 1], [2, 0, 1], [3, 1, 0, 2], [4, 0, 2, 1, 3], list(range(7))):
         together = logits_of(slots)
         assert torch.equal(together, alone[slots]), f"rows {slots}"
+
+
+@pytest.mark.parametrize("path", ["cpu decoder float32", "cpu decoder bfloat16", "torch bfloat16", "torch float32"])
+def test_every_decode_path_serves_the_engines_own_greedy_reply(tiny_tokenizer, model, path):
+    """Each path prepare_for_inference can choose, through the server, gives what Engine.generate gives on that path."""
+    from nanochat import cpu_decode
+    from nanochat.engine import prepare_for_inference
+
+    decoder, dtype = path.rsplit(" ", 1)
+    if decoder == "cpu decoder" and not cpu_decode.available():
+        pytest.skip("the decode_kernels extension is not installed")
+    typed, decode_path = prepare_for_inference(copy.deepcopy(model), dtype, "auto" if decoder == "cpu decoder" else "torch")
+    engine = Engine(typed, tiny_tokenizer, **decode_path)
+    assert (engine.cpu_decoder is not None) == (decoder == "cpu decoder")
+    batcher = Batcher([engine], max_batch=4, queue_size=4)
+    prompts = prompts_of(tiny_tokenizer, TEXTS[:3])
+    replies = [Reply(prompt, max_tokens=16, temperature=0.0) for prompt in prompts]
+    for reply in replies:  # together: the path's batched steps, not only its lone-row ones
+        batcher.submit(reply.request)
+    for prompt, reply in zip(prompts, replies):
+        tokens = engine.generate_batch(prompt, max_tokens=16, temperature=0.0)[0][0][len(prompt):]
+        decoder_text = IncrementalDecoder(tiny_tokenizer)
+        assert "".join(decoder_text.feed(token) for token in tokens) + decoder_text.flush() == reply.wait().text
+    assert batcher.snapshot()["decode"] == engine.describe()
+    batcher.close()
 
 
 def test_rows_with_different_sampling_settings_share_a_batch(tiny_tokenizer, model):

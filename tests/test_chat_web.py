@@ -96,6 +96,10 @@ def wait_until_idle(url, timeout=10.0):
 
 def test_health_models_and_page(server):
     assert httpx.get(server["url"] + "/health").json()["status"] == "ok"
+    # default flags on a CPU: the CPU decoder, whatever the CPU, with the weight copy measured faster; log and /stats say so
+    decode = httpx.get(server["url"] + "/stats").json()["decode"]
+    assert decode.startswith("the CPU decoder") and "--dtype auto: the faster weight copy" in decode, decode
+    assert f"decoding with {decode}" in server["log"].read_text()
     models = httpx.get(server["url"] + "/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "nanochat-sft-d2"
     page = httpx.get(server["url"] + "/")

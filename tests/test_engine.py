@@ -188,24 +188,29 @@ def test_assistant_parts_round_trip_a_tool_call(tiny_tokenizer):
     assert assistant_parts(tiny_tokenizer, tiny_tokenizer.encode("plain")) == "plain"
 
 
-def test_inference_weights_take_the_dtype_training_would_use(tiny_tokenizer):
+def test_inference_picks_the_cpu_decoder_whatever_the_cpu_and_says_why(tiny_tokenizer):
+    """On a CPU the decoder's kernels decode whenever they are built (an AMX CPU's bf16 torch path decoded 2-5x slower):
+    the model stays float32 and --dtype picks the decoder's weight copy, auto by measuring both. GPT.forward otherwise."""
     from nanochat import cpu_decode
-    from nanochat.common import cpu_has_fast_bf16, get_compute_dtype
+    from nanochat.common import get_compute_dtype
 
-    auto, _ = prepare_for_inference(random_gpt(tiny_tokenizer), "auto")  # bf16 only where it is fast: CUDA, AMX CPUs
-    assert auto.lm_head.weight.dtype == get_compute_dtype(torch.device("cpu"), "auto")
-    assert prepare_for_inference(random_gpt(tiny_tokenizer), "float32")[0].lm_head.weight.dtype == torch.float32
-    model, cpu_weight_dtype = prepare_for_inference(random_gpt(tiny_tokenizer), "bfloat16")
-    assert not model.training
-    engine = Engine(model, tiny_tokenizer, cpu_weight_dtype=cpu_weight_dtype)
-    if cpu_has_fast_bf16() or not cpu_decode.usable("cpu", torch.float32):
-        assert model.lm_head.weight.dtype == torch.bfloat16 and engine.cpu_decoder is None
-    else:  # no AMX: torch would emulate bf16 matmuls, so only the CPU decoder's own copy of the weights is bf16
-        assert model.lm_head.weight.dtype == torch.float32 and cpu_weight_dtype == torch.bfloat16
-        assert engine.cpu_decoder.weight_dtype == torch.bfloat16
-    tokens = tiny_tokenizer.encode("Hello", prepend="<|bos|>")  # the bf16 copy decodes
-    results, _ = engine.generate_batch(tokens, max_tokens=5, temperature=0.0)
-    assert len(results[0]) == len(tokens) + 5
+    if not cpu_decode.available():
+        pytest.skip("the decode_kernels extension is not installed (uv sync --extra cpu-kernels)")
+    tokens = tiny_tokenizer.encode("Hello", prepend="<|bos|>")
+    for dtype, copy_dtypes in (("auto", (torch.float32, torch.bfloat16)), ("float32", (torch.float32,)), ("bfloat16", (torch.bfloat16,))):
+        model, decode_path = prepare_for_inference(random_gpt(tiny_tokenizer), dtype)
+        engine = Engine(model, tiny_tokenizer, **decode_path)
+        assert not model.training and model.lm_head.weight.dtype == torch.float32
+        assert engine.cpu_decoder is not None and engine.cpu_decoder.weight_dtype in copy_dtypes
+        assert f"--dtype {dtype}" in engine.describe() and "CPU decoder" in engine.describe()
+        assert len(engine.generate_batch(tokens, max_tokens=5, temperature=0.0)[0][0]) == len(tokens) + 5
+    _, decode_path = prepare_for_inference(random_gpt(tiny_tokenizer), "auto")
+    assert "float32" in decode_path["why"] and "bfloat16" in decode_path["why"] and " ms" in decode_path["why"]  # the probe's figures
+    # --decoder torch: GPT.forward in the training rule's dtype (bf16 on AMX CPUs)
+    model, decode_path = prepare_for_inference(random_gpt(tiny_tokenizer), "auto", decoder="torch")
+    engine = Engine(model, tiny_tokenizer, **decode_path)
+    assert engine.cpu_decoder is None and model.lm_head.weight.dtype == get_compute_dtype(torch.device("cpu"))
+    assert "GPT.forward" in engine.describe() and "--decoder torch" in engine.describe()
 
 
 def test_the_engine_and_the_server_decode_with_the_cpu_decoder_on_cpu_float32_only(tiny_tokenizer):
