@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export UV_PYTHON_DOWNLOADS=never
 command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
-uv sync --python python3 --extra dev --extra cpu-kernels
+uv sync --python python3 --extra dev --extra cpu-kernels --extra export
 (cd rustbpe && cargo test --release --quiet)
 (cd decode_kernels && cargo test --release --quiet)
 .venv/bin/python -m pytest -q "$@"
