@@ -20,6 +20,8 @@
 #   WANDB_RUN          a wandb run name (default: no wandb)
 #   NANOCHAT_BASE_DIR  where everything is written (default ~/.cache/nanochat)
 #   SKIP_RL=1          stop after SFT
+#   DETERMINISTIC=1    train with --deterministic: a rerun or a resume gives the same bits on the same machine,
+#                      compiled or not (without it only eager CPU runs do); slower, see dev/BENCHMARKS.md
 #
 # Resumable: every finished stage leaves a marker in $NANOCHAT_BASE_DIR/speedrun_stages/. Run the script
 # again after an interruption (Ctrl-C, a lost node, a full disk) and it skips the finished stages and
@@ -31,6 +33,7 @@ cd "$(dirname "$0")"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 export UV_PYTHON_DOWNLOADS=never  # use the machine's python3
 WANDB_RUN="${WANDB_RUN:-dummy}"   # "dummy" switches wandb off
+if [ "${DETERMINISTIC:-0}" = 1 ]; then DETERMINISTIC_FLAG=(--deterministic); else DETERMINISTIC_FLAG=(); fi
 mkdir -p "$NANOCHAT_BASE_DIR"
 
 # ---------------------------------------------------------------- setup
@@ -136,21 +139,21 @@ case "$PROFILE" in
         wait "$DATASET_DOWNLOAD_PID"
         # a checkpoint every 2,000 steps (~20 minutes): what an interruption can cost
         stage base-train --resumable "${LAUNCH[@]}" -m scripts.base_train -- --depth "$DEPTH" \
-            --device-batch-size "$DEVICE_BATCH_SIZE" --save-every 2000 --run "$WANDB_RUN"
+            --device-batch-size "$DEVICE_BATCH_SIZE" --save-every 2000 --run "$WANDB_RUN" "${DETERMINISTIC_FLAG[@]}"
         stage base-loss "${LAUNCH[@]}" -m scripts.base_loss -- --device-batch-size "$DEVICE_BATCH_SIZE"
         stage base-eval "${LAUNCH[@]}" -m scripts.base_eval ;;
     cpu)
         # depth 4 (width 256), 200 steps of 8192 tokens: ~1.6M tokens, about half a pass over the sample
         stage base-train --resumable python -m scripts.base_train --depth 4 --max-seq-len 512 --device-batch-size 8 \
             --total-batch-size 8192 --num-iterations 200 --eval-every 100 --eval-tokens 65536 --sample-every 200 \
-            --save-every 100 --run "$WANDB_RUN"
+            --save-every 100 --run "$WANDB_RUN" "${DETERMINISTIC_FLAG[@]}"
         stage base-loss python -m scripts.base_loss --device-batch-size 8 --split-tokens 131072
         # CORE needs the eval bundle from the internet: on an offline CPU box base_eval says so and is skipped
         stage base-eval --optional python -m scripts.base_eval --max-per-task 50 ;;
     smoke)
         stage base-train --resumable python -m scripts.base_train --depth 2 --max-seq-len 128 --device-batch-size 4 \
             --total-batch-size 1024 --num-iterations 20 --eval-every 20 --eval-tokens 4096 --sample-every -1 \
-            --save-every 10 --run "$WANDB_RUN"
+            --save-every 10 --run "$WANDB_RUN" "${DETERMINISTIC_FLAG[@]}"
         stage base-loss python -m scripts.base_loss --device-batch-size 4 --split-tokens 4096 --max-new-tokens 8
         stage base-eval --optional python -m scripts.base_eval --max-per-task 4 ;;
 esac
@@ -159,26 +162,26 @@ esac
 case "$PROFILE" in
     gpu)
         stage mid-train --resumable "${LAUNCH[@]}" -m scripts.mid_train -- --device-batch-size "$DEVICE_BATCH_SIZE" \
-            --save-every 200 --run "$WANDB_RUN"
+            --save-every 200 --run "$WANDB_RUN" "${DETERMINISTIC_FLAG[@]}"
         stage mid-eval "${LAUNCH[@]}" -m scripts.chat_eval -- -i mid
-        stage sft --resumable "${LAUNCH[@]}" -m scripts.chat_sft -- --save-every 200 --run "$WANDB_RUN"
+        stage sft --resumable "${LAUNCH[@]}" -m scripts.chat_sft -- --save-every 200 --run "$WANDB_RUN" "${DETERMINISTIC_FLAG[@]}"
         stage sft-eval "${LAUNCH[@]}" -m scripts.chat_eval -- -i sft ;;
     cpu)
         # one epoch of the stand-in mixture (~0.5M tokens, 60 steps), then ~2,600 conversations of SFT
         stage mid-train --resumable python -m scripts.mid_train --device-batch-size 8 --total-batch-size 8192 \
-            --eval-every 30 --eval-tokens 65536 --stand-in-size 1500 --save-every 30 --run "$WANDB_RUN"
+            --eval-every 30 --eval-tokens 65536 --stand-in-size 1500 --save-every 30 --run "$WANDB_RUN" "${DETERMINISTIC_FLAG[@]}"
         stage mid-eval python -m scripts.chat_eval -i mid --max-problems 64 --max-new-tokens 256
         stage sft --resumable python -m scripts.chat_sft --device-batch-size 4 --examples-per-step 16 --eval-every 50 \
-            --eval-steps 25 --eval-max-problems 128 --stand-in-size 500 --save-every 50 --run "$WANDB_RUN"
+            --eval-steps 25 --eval-max-problems 128 --stand-in-size 500 --save-every 50 --run "$WANDB_RUN" "${DETERMINISTIC_FLAG[@]}"
         stage sft-eval python -m scripts.chat_eval -i sft --max-problems 64 --max-new-tokens 256 ;;
     smoke)
         stage mid-train --resumable python -m scripts.mid_train --max-seq-len 128 --device-batch-size 4 \
             --total-batch-size 1024 --num-iterations 10 --eval-every 10 --eval-tokens 2048 --stand-in-size 60 \
-            --save-every 5 --run "$WANDB_RUN"
+            --save-every 5 --run "$WANDB_RUN" "${DETERMINISTIC_FLAG[@]}"
         stage mid-eval python -m scripts.chat_eval -i mid --max-problems 4 --max-new-tokens 16
         stage sft --resumable python -m scripts.chat_sft --max-seq-len 128 --device-batch-size 4 --examples-per-step 8 \
             --num-iterations 10 --eval-every 10 --eval-steps 2 --eval-max-problems 4 --stand-in-size 40 \
-            --save-every 5 --run "$WANDB_RUN"
+            --save-every 5 --run "$WANDB_RUN" "${DETERMINISTIC_FLAG[@]}"
         stage sft-eval python -m scripts.chat_eval -i sft --max-problems 4 --max-new-tokens 16 ;;
 esac
 
@@ -186,18 +189,19 @@ esac
 if [ "${SKIP_RL:-0}" != 1 ]; then
     case "$PROFILE" in
         gpu)
-            stage rl --resumable "${LAUNCH[@]}" -m scripts.chat_rl -- --save-every 60 --run "$WANDB_RUN"
+            stage rl --resumable "${LAUNCH[@]}" -m scripts.chat_rl -- --save-every 60 --run "$WANDB_RUN" "${DETERMINISTIC_FLAG[@]}"
             stage rl-eval "${LAUNCH[@]}" -m scripts.chat_eval -- -i rl -a GSM8K ;;
         cpu)
             # 32 steps of 4 questions x 8 samples (~2 min); pass@1 on 100 held-out arithmetic problems before and
             # after (3 seeds of this, evaluated on 200 x 4 samples: 0.609 -> 0.630 / 0.669 / 0.681, dev/BENCHMARKS.md)
             stage rl --resumable python -m scripts.chat_rl --num-iterations 32 --examples-per-step 4 --num-samples 8 \
-                --max-new-tokens 128 --eval-every 32 --eval-examples 100 --eval-samples 2 --save-every 16 --run "$WANDB_RUN"
+                --max-new-tokens 128 --eval-every 32 --eval-examples 100 --eval-samples 2 --save-every 16 \
+                --run "$WANDB_RUN" "${DETERMINISTIC_FLAG[@]}"
             stage rl-eval python -m scripts.chat_eval -i rl -a Arithmetic --max-problems 64 --max-new-tokens 256 ;;
         smoke)
             stage rl --resumable python -m scripts.chat_rl --num-iterations 2 --examples-per-step 2 --num-samples 2 \
                 --max-new-tokens 16 --eval-every 2 --eval-examples 4 --eval-samples 1 --stand-in-size 100 \
-                --save-every 1 --run "$WANDB_RUN"
+                --save-every 1 --run "$WANDB_RUN" "${DETERMINISTIC_FLAG[@]}"
             stage rl-eval python -m scripts.chat_eval -i rl -a Arithmetic --max-problems 4 --max-new-tokens 16 ;;
     esac
 fi

@@ -10,6 +10,7 @@ Every script calls prepare_model once it has its model (built or loaded, resumed
 the one place for what training does to a model before stepping it: on a CPU, the speed layer of hand-written
 backwards (nanochat/cpu_autograd.py), and torch.compile where it pays.
 """
+import os
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,9 @@ def add_training_args(parser):
     parser.add_argument("--resume", action="store_true", help="resume from the latest saved step (same as --resume-from-step -1)")
     parser.add_argument("--resume-if-saved", action="store_true",
                         help="resume from the latest saved step when this stage has one, else start fresh (what speedrun.sh passes)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="the same bits on every rerun and resume on this machine (same thread count), compiled or "
+                             "not; ~1-5%% slower (dev/BENCHMARKS.md, Determinism). Without it only eager CPU runs are exact")
 
 
 def add_optimizer_args(parser):
@@ -98,9 +102,49 @@ class Compute:
             dist.barrier()
 
 
+def set_deterministic():
+    """
+    Every switch torch has for reproducible results (https://pytorch.org/docs/stable/notes/randomness.html), for
+    --deterministic: two runs, and a run and its resume, give the same bits on the same machine, compiled or not.
+    Called before anything touches CUDA. Returns what it set, for the log.
+
+    Why a compiled run needs it (dev/BENCHMARKS.md, "Determinism"): inductor compiles the embeddings' backward
+    (each token's gradient added into its row) into a C++ loop split over the OpenMP threads that adds with
+    atomic_add, so two threads meeting on one row (a token in both halves of the batch) add in whichever order
+    they get there. Measured here, 2 threads, depth 2, 6 steps: two compiled runs end with embedding rows up to
+    1.4 apart in bf16 (1e-3 in fp32); eager, on 1 thread, or with this switch on, identical. Cost on the CPU
+    profile's depth 4: ~5% of tok/s eager, ~1% compiled.
+    """
+    # cuBLAS (CUDA >= 10.2) may vary from run to run unless its workspace is fixed; it reads this when torch
+    # creates its handle, at the first CUDA matmul, and in deterministic mode torch raises without it
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # every op with a nondeterministic kernel (CUDA embedding and scatter backwards, flash attention's backward)
+    # takes its deterministic one, and one that has none raises: a run that stops rather than one that varies.
+    # Inductor reads it too: index_put and scatter call ATen, which adds in a fixed order, instead of atomics.
+    # It also fills every new tensor with NaN (torch.utils.deterministic.fill_uninitialized_memory): most of the
+    # eager cost, kept, since a read of memory never written then shows up instead of varying
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False  # picking a kernel by timing it: a race
+    import torch._inductor.config as inductor_config  # only here: importing inductor takes a second
+    if hasattr(inductor_config, "deterministic"):  # where this torch has it (2.15 does, and sets it with the above)
+        # no kernel or tile chosen by timing where the choice changes the numerics (Triton reductions, matmul padding)
+        inductor_config.deterministic = True
+    # random ops in a compiled graph draw from torch's generator as eager ones do (training has none: no dropout)
+    inductor_config.fallback_random = True
+    # CPU sums (ATen's and inductor's kernels) are split by thread, so the same bits need the same count: torch's
+    # default (the physical cores) or OMP_NUM_THREADS. Logged, so two runs' logs can be compared
+    return (f"deterministic: torch.use_deterministic_algorithms(True), CUBLAS_WORKSPACE_CONFIG={os.environ['CUBLAS_WORKSPACE_CONFIG']}, "
+            f"cudnn deterministic without benchmark, inductor deterministic and fallback_random, "
+            f"{torch.get_num_threads()} CPU threads (rerun and resume with the same count)")
+
+
 def init_compute(args, project="nanochat"):
     """Device, process group, compute dtype and wandb from the shared flags."""
+    determinism = set_deterministic() if args.deterministic else None  # before compute_init touches CUDA
     is_distributed, rank, _, world_size, device = compute_init(args.device_type or None)
+    if determinism:
+        print0(determinism)
     # decided from the device alone (CUDA, or a CPU flag for AMX), so every rank picks the same dtype
     dtype = get_compute_dtype(device, args.dtype)
     print0(f"device: {device} x {world_size} | compute dtype: {str(dtype).removeprefix('torch.')} (fp32 master weights)")

@@ -1,6 +1,9 @@
 """
 Save and resume a training stage exactly: a run killed after step S and resumed from S takes the same next
-steps, bit for bit, as the run that was never interrupted (tests/test_base_train.py checks it).
+steps, bit for bit, as the run that was never interrupted, on the same machine and thread count, when every
+kernel it runs is deterministic: an eager CPU run, or any run with --deterministic (training_setup.py). A
+compiled or GPU run without it resumes to within run-to-run noise, as a rerun would (tests/test_base_train.py
+checks both).
 
 Weights alone are not enough for that. The checkpoint of step S (nanochat/checkpoint_manager.py: the
 files) also holds, per rank, every optimizer's state (momentum buffers, Adam moments: each rank its own

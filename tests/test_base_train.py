@@ -21,7 +21,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_LINE = re.compile(r"^step (\d+)/\d+ .*\| loss ([0-9.]+) ", re.M)
 VAL_LINE = re.compile(r"^step (\d+) \| val bpb ([0-9.]+)", re.M)
 # small enough for 2 shared cores: depth 2 (width 128), 64-token rows, 2 micro-steps of 8 rows per step;
-# eager (--compile 0) so that a CPU with AMX does not spend a minute compiling each run
+# eager (--compile 0) so that a CPU with AMX does not spend a minute compiling each run, and because eager is
+# what resumes bit for bit without --deterministic (the compiled path: test_compiled_bf16_...)
 TRAIN_FLAGS = ["--depth", "2", "--max-seq-len", "64", "--device-batch-size", "8", "--total-batch-size", "1024",
                "--eval-tokens", "2048", "--sample-every", "-1", "--compile", "0"]
 
@@ -34,8 +35,8 @@ def trained_base_dir(tmp_path_factory, tiny_tokenizer):
     return base_dir
 
 
-def run_script(base_dir, args, torchrun=False, timeout=300):
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_DATA="sample", OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+def run_script(base_dir, args, torchrun=False, timeout=300, threads=1):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_DATA="sample", OMP_NUM_THREADS=str(threads), PYTHONPATH=REPO_ROOT)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [sys.executable]
     command = launcher + ["-m", "scripts.base_train"] + (["--"] if torchrun else []) + args
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -74,6 +75,52 @@ def test_loss_falls_and_resume_is_bit_exact(trained_base_dir):
         assert torch.equal(resumed_weights[name], tensor), name
     # the report's "Initial val bpb" is still the first run's step-0 eval, not the resumed run's first one
     assert resumed_meta["initial_val_bpb"] == pytest.approx(val[0], abs=1e-4) and val[0] > val[30] + 0.5
+
+
+@pytest.mark.slow
+def test_compiled_bf16_is_bit_exact_with_deterministic_and_close_without(trained_base_dir):
+    """
+    The path a CPU with AMX takes by default (--dtype auto --compile auto: bf16, torch.compile), forced here and
+    tiny (compiling is most of its time), on 2 threads: with one, the compiled embedding backward's atomic adds
+    never race, and the difference this guards against cannot happen (dev/BENCHMARKS.md, "Determinism").
+    --deterministic: two fresh runs and a resume give the same bits. Without it, a resume is the same run up to
+    rounding: close, not equal.
+    """
+    # depth 1: the same kernels as depth 2 (embedding and value-embedding backwards included), compiled in ~30 s
+    # instead of ~45 on 2 cores; the later runs find them in inductor's cache
+    flags = ["--depth", "1", "--max-seq-len", "64", "--device-batch-size", "8", "--total-batch-size", "1024", "--eval-tokens", "2048",
+             "--sample-every", "-1", "--compile", "1", "--dtype", "bfloat16", "--num-iterations", "10", "--eval-every", "-1",
+             "--save-every", "5"]
+    checkpoints = os.path.join(trained_base_dir, "base_checkpoints")
+
+    def deterministic_run(tag, *extra):
+        log = run_script(trained_base_dir, flags + ["--deterministic", "--model-tag", tag, *extra], threads=2)
+        assert "deterministic: torch.use_deterministic_algorithms(True)" in log and "compiling the model" in log
+        return losses_of(log), load_checkpoint(os.path.join(checkpoints, tag), 10, "cpu")[0]
+
+    losses, weights = deterministic_run("det")
+    again = deterministic_run("det_again")
+    resumed = deterministic_run("det", "--resume-from-step", "5")
+    assert sorted(losses) == sorted(again[0]) == list(range(1, 11)) and sorted(resumed[0]) == list(range(6, 11))
+    for other_losses, other_weights in (again, resumed):
+        for step, loss in other_losses.items():
+            assert loss == losses[step], f"step {step}: {loss} vs {losses[step]}"
+        for name, tensor in weights.items():
+            assert torch.equal(other_weights[name], tensor), name
+
+    # the same checkpoint resumed without --deterministic: the same run up to rounding. Measured: losses within
+    # ~1e-3, weights 0.1-2% apart on average, a few embedding entries by up to ~0.8 (AdamW steps an entry by ~lr
+    # whatever its gradient's size, so one whose gradient is mostly rounding can step either way). A resume
+    # that lost its state would be ~100% apart
+    log = run_script(trained_base_dir, flags + ["--model-tag", "det", "--resume-from-step", "5"], threads=2)
+    assert "deterministic:" not in log
+    resumed_losses = losses_of(log)
+    assert sorted(resumed_losses) == list(range(6, 11))
+    for step, loss in resumed_losses.items():
+        assert loss == pytest.approx(losses[step], abs=2e-3), step
+    rerun = load_checkpoint(os.path.join(checkpoints, "det"), 10, "cpu")[0]
+    for name, tensor in weights.items():
+        assert (rerun[name] - tensor).abs().mean() < 0.1 * tensor.abs().mean(), name
 
 
 @pytest.mark.slow

@@ -157,8 +157,10 @@ def rl_losses(log):
 def test_rl_script_learns_resumes_bit_exact_then_chat_eval_on_a_task_file(rl_base_dir):
     from nanochat.checkpoint_manager import load_checkpoint
 
-    flags = rl_flags(rl_base_dir) + ["--num-iterations", "4", "--save-every", "2", "--eval-every", "2"]
+    # --deterministic: the flag in the stage that samples (eager either way, so bit for bit with or without it)
+    flags = rl_flags(rl_base_dir) + ["--num-iterations", "4", "--save-every", "2", "--eval-every", "2", "--deterministic"]
     log = run_script(rl_base_dir, "scripts.chat_rl", flags)
+    assert "deterministic: torch.use_deterministic_algorithms(True)" in log
     steps = rl_losses(log)
     assert sorted(steps) == [1, 2, 3, 4]
     assert any(loss != 0.0 for loss, _ in steps.values()), "no group had different rewards: the test has no signal"

@@ -303,9 +303,12 @@ def test_mid_then_sft_scripts_resume_bit_exact(chat_base_dir):
     assert "STAND-INS" in log and meta["source"] == {"stage": "base", "model_tag": "d2", "step": 10}
     assert "## Midtraining" in open(os.path.join(chat_base_dir, "report", "midtraining.md")).read()
 
+    # eager (SFT's changing row lengths): bit for bit with or without --deterministic; with it here, so the flag
+    # is exercised in a finetuning stage (the compiled case is test_base_train's)
     sft_flags = ["--device-batch-size", "2", "--examples-per-step", "8", "--eval-every", "3", "--eval-steps", "4",
-                 "--eval-max-problems", "8", "--stand-in-size", "200"]
+                 "--eval-max-problems", "8", "--stand-in-size", "200", "--deterministic"]
     log, meta = assert_resume_is_bit_exact(chat_base_dir, "scripts.chat_sft", "chatsft_checkpoints", sft_flags)
+    assert "deterministic: torch.use_deterministic_algorithms(True)" in log
     assert meta["source"]["stage"] == "mid" and "WordNet-MC (stand-in) accuracy" in log
     section = open(os.path.join(chat_base_dir, "report", "chat-sft.md")).read()
     assert "Replies ending their turn, SFT model" in section and "Padded fraction of the rows" in section
