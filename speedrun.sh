@@ -9,7 +9,7 @@
 # Knobs (environment variables):
 #   NANOCHAT_PROFILE   gpu | cpu | smoke. Default: gpu when torch sees a GPU, else cpu.
 #                      cpu:   a tiny model on the embedded sample corpus and the offline stand-ins for the chat
-#                             data (NANOCHAT_DATA=sample), every stage, ~27 minutes on 2 cores.
+#                             data (NANOCHAT_DATA=sample), every stage, ~25-30 minutes on 2 cores.
 #                      smoke: every stage at the smallest size that still exercises it (~2 minutes on 2 cores),
 #                             then one chat_cli prompt and one request to a started chat_web. The tests run it.
 #   DEPTH              the model's size dial on the GPU profile (default 20; run1000.sh uses 32)
@@ -143,9 +143,11 @@ case "$PROFILE" in
         stage base-loss "${LAUNCH[@]}" -m scripts.base_loss -- --device-batch-size "$DEVICE_BATCH_SIZE"
         stage base-eval "${LAUNCH[@]}" -m scripts.base_eval ;;
     cpu)
-        # depth 4 (width 256), 200 steps of 8192 tokens: ~1.6M tokens, about half a pass over the sample
+        # depth 4 (width 256), steps of 8192 tokens for 13 minutes of training: ~1.9M tokens on 2 cores in fp32,
+        # ~4M with bf16 hardware (AVX512-BF16 or AMX), more on a faster CPU; the other stages take ~10-15 minutes, so
+        # the whole profile stays within 30 minutes on 2 cores (dev/BENCHMARKS.md, "CPU recipe")
         stage base-train --resumable python -m scripts.base_train --depth 4 --max-seq-len 512 --device-batch-size 8 \
-            --total-batch-size 8192 --num-iterations 200 --eval-every 100 --eval-tokens 65536 --sample-every 200 \
+            --total-batch-size 8192 --time-budget 13 --eval-every 100 --eval-tokens 65536 --sample-every -1 \
             --save-every 100 --run "$WANDB_RUN" "${DETERMINISTIC_FLAG[@]}"
         stage base-loss python -m scripts.base_loss --device-batch-size 8 --split-tokens 131072
         # CORE needs the eval bundle from the internet: on an offline CPU box base_eval says so and is skipped
@@ -167,7 +169,8 @@ case "$PROFILE" in
         stage sft --resumable "${LAUNCH[@]}" -m scripts.chat_sft -- --save-every 200 --run "$WANDB_RUN" "${DETERMINISTIC_FLAG[@]}"
         stage sft-eval "${LAUNCH[@]}" -m scripts.chat_eval -- -i sft ;;
     cpu)
-        # one epoch of the stand-in mixture (~0.5M tokens, 60 steps), then ~2,600 conversations of SFT
+        # one epoch of the stand-in mixture (~0.8M tokens, ~100 steps; FactQA three times: facts asked both ways),
+        # then ~3,600 conversations of SFT
         stage mid-train --resumable python -m scripts.mid_train --device-batch-size 8 --total-batch-size 8192 \
             --eval-every 30 --eval-tokens 65536 --stand-in-size 1500 --save-every 30 --run "$WANDB_RUN" "${DETERMINISTIC_FLAG[@]}"
         stage mid-eval python -m scripts.chat_eval -i mid --max-problems 64 --max-new-tokens 256

@@ -58,15 +58,18 @@ def autodetect_device_type():
 @functools.cache
 def cpu_has_fast_bf16():
     """
-    True when this CPU multiplies bf16 matrices in hardware (Intel AMX: Sapphire Rapids and later).
-    Measured on such a 2-core VM: bf16 matmuls 1,100-2,400 GFLOP/s vs 250-330 in fp32, so bf16 compute
-    makes a depth-4 training step ~2x faster. Without AMX, bf16 matmuls are emulated and far slower
-    than fp32, so the answer must come from the hardware, not be assumed. A flag, not a timing, so
-    every rank of a distributed run decides the same.
+    True when this CPU multiplies bf16 matrices in hardware: Intel AMX (Sapphire Rapids and later) or the
+    AVX512-BF16 dot-product instructions (AMD Zen 4 and later, Intel Cooper Lake). Measured on 2-core VMs,
+    depth-4 training steps at batch 8 x 512:
+        AMX Xeon:             bf16 matmuls 1,100-2,400 GFLOP/s vs 250-330 in fp32, steps ~2x faster
+        EPYC with AVX512-BF16: 4,000-4,700 tok/s eager and 5,000-5,700 compiled vs 2,400-2,900 in fp32
+        EPYC without either:  bf16 matmuls emulated at ~0.9 GFLOP/s, far slower than fp32
+    so the answer must come from the hardware, not be assumed. A flag, not a timing, so every rank of a
+    distributed run decides the same.
     """
     try:
-        # private, so tolerate it moving or failing
-        return bool(torch.cpu._is_amx_tile_supported())
+        # private, so tolerate them moving or failing
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
@@ -78,7 +81,7 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 def get_compute_dtype(device, requested="auto"):
     """
     The dtype matmuls run in under autocast (weights stay fp32). auto: bf16 on CUDA (fp32 on GPUs without
-    bf16), bf16 on CPUs with AMX, fp32 on other CPUs and on MPS.
+    bf16), bf16 on CPUs with bf16 matmul hardware (AMX or AVX512-BF16), fp32 on other CPUs and on MPS.
     """
     if requested not in COMPUTE_DTYPES:
         raise ValueError(f"--dtype must be auto, float32 or bfloat16 (got {requested!r})")

@@ -57,7 +57,8 @@ SECTION_ORDER = [
 ]
 # the summary table: these rows x these columns, always all of them ("-" where a number is missing),
 # so two report cards line up row for row
-SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
+# FactQA exists only offline (tasks/factqa.py: questions about the embedded corpus' facts), so on a real run its row is "-"
+SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "FactQA", "ChatCORE"]
 # the base column reads two sections: CORE comes from base_eval, the chat metrics from chat_eval -i base
 SUMMARY_STAGES = {"base": ["Base model evaluation", "Chat evaluation base"], "mid": ["Chat evaluation mid"],
                   "sft": ["Chat evaluation sft"], "rl": ["Chat evaluation rl"]}
@@ -68,7 +69,7 @@ STAND_IN_KEYS = {"WordNet-MC (stand-in)": "MMLU", "Arithmetic (stand-in)": "GSM8
 # appended to a stand-in's cell, and explained once under the table
 STAND_IN_MARK = " *"
 STAND_IN_FOOTNOTE = ("\\* offline stand-in task, not the real benchmark (NANOCHAT_DATA=sample: WordNet-MC for MMLU, "
-                     "synthetic arithmetic for GSM8K)")
+                     "synthetic arithmetic for GSM8K, FactQA's held-out facts of the embedded corpus)")
 
 # the price of one 8xH100 node per hour (on-demand, 2025; adjust with --hourly-rate or NANOCHAT_HOURLY_RATE)
 DEFAULT_NODE_HOURLY_RATE = 24.0

@@ -46,6 +46,33 @@ def get_lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_
     return progress + (1 - progress) * final_lr_frac
 
 
+def warmdown_started(step, num_iterations, warmdown_ratio):
+    """True once the lr schedule has left its flat part: from here on the horizon must stay as it is."""
+    return step > num_iterations - round(warmdown_ratio * num_iterations)
+
+
+def steps_within_time_budget(steps_done, seconds_spent, seconds_per_step, budget_seconds, max_steps):
+    """
+    The horizon a time budget allows: the steps done plus those the remaining time fits at the measured
+    seconds per step, at most max_steps and at least one more step. Why re-estimate instead of timing a few
+    steps once: with no warmup the lr is flat until the warmdown, so the horizon can move freely until then
+    (nothing trained so far depended on it), and a later estimate averages over more steps and any slowdown.
+    """
+    if seconds_per_step <= 0:
+        return max_steps
+    steps_left = int(max(0.0, budget_seconds - seconds_spent) / seconds_per_step)
+    return max(steps_done + 1, min(max_steps, steps_done + steps_left))
+
+
+def agree_across_ranks(value, device):
+    """The smallest of every rank's integer `value`: ranks time their steps slightly differently, and must stop together."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], device=device, dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 def get_muon_momentum(step, warmup_steps=300, start=0.85, end=0.95):
     """Muon's momentum ramps up over the first steps: lower momentum is steadier while the weights move fast."""
     # 0.85 -> 0.95 linearly over the first 300 steps, then held (as in the modded-nanogpt speedrun)

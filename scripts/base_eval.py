@@ -26,7 +26,7 @@ parser.add_argument("--model-tag", type=str, default=None, help="checkpoint tag,
 parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
 parser.add_argument("--max-per-task", type=int, default=-1, help="evaluate at most this many examples per task (-1 = all)")
 parser.add_argument("--dtype", type=str, default="auto", choices=COMPUTE_DTYPES,
-                    help="matmul dtype; auto = bf16 on CUDA and on CPUs with AMX, else fp32")
+                    help="matmul dtype; auto = bf16 on CUDA and on CPUs with bf16 hardware (AMX, AVX512-BF16), else fp32")
 parser.add_argument("--device-type", type=str, default=None, help="cuda|mps|cpu (default: autodetect)")
 parser.add_argument("--bundle-url", type=str, default=EVAL_BUNDLE_URL, help="where to download the eval bundle zip from if it is not in the base dir yet")
 args = parser.parse_args()

@@ -26,7 +26,7 @@ PROMPTS = [
 
 parser = argparse.ArgumentParser(description="Bits per byte and samples of a base model")
 parser.add_argument("--dtype", type=str, default="auto", choices=COMPUTE_DTYPES,
-                    help="matmul dtype; auto = bf16 on CUDA and on CPUs with AMX, else fp32")
+                    help="matmul dtype; auto = bf16 on CUDA and on CPUs with bf16 hardware (AMX, AVX512-BF16), else fp32")
 parser.add_argument("--device-type", type=str, default="", help="cuda|mps|cpu (empty = autodetect)")
 parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per rank per forward pass")
 parser.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens to evaluate per split")

@@ -14,6 +14,9 @@ that for a fixed compute budget the best model sees ~20 tokens per parameter; fe
 would have done better, more and a bigger one would. So the horizon is not a separate knob: --depth
 fixes the parameters, 20 x parameters is the token budget, and the steps are that budget divided by the
 tokens per step. --target-flops instead fixes the compute (6 N D FLOPs for N parameters and D tokens).
+--time-budget fixes the wall-clock time instead: on a small machine (the CPU profile) the Chinchilla horizon
+is out of reach, and a time budget lets a faster CPU train on more tokens rather than finish early. The log
+and the report say how many steps and tokens that came to; a rerun on a busier machine trains on fewer.
 
 The learning rate schedule is warmup-stable-decay: flat at the peak, then a linear decay to 0 over the
 last 20% of the steps; the loss drops sharply during the decay (Hägele et al. 2024 study this schedule).
@@ -30,7 +33,8 @@ from nanochat.gpt import GPT, model_config_from_depth
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import get_grad_accum_steps, get_lr_multiplier, get_muon_momentum, is_due, train_step
+from nanochat.training import (agree_across_ranks, get_grad_accum_steps, get_lr_multiplier, get_muon_momentum, is_due,
+                               steps_within_time_budget, train_step, warmdown_started)
 from nanochat.training_log import StepLogger
 from nanochat.training_setup import (add_optimizer_args, add_training_args, check_training_args, init_compute, prepare_model,
                                      setup_optimizers)
@@ -51,6 +55,9 @@ parser.add_argument("--value-embeds", type=int, default=1, choices=[0, 1],
 # horizon: the first of these that is > 0 wins (--num-iterations, then these)
 parser.add_argument("--target-flops", type=float, default=-1.0, help="train for this many FLOPs (-1 = off)")
 parser.add_argument("--target-param-data-ratio", type=float, default=20.0, help="tokens per parameter (Chinchilla = 20)")
+parser.add_argument("--time-budget", type=float, default=-1.0,
+                    help="train for this many minutes of training steps (evals and saves not counted), at most the horizon "
+                         "above; the steps are set from the measured step time, so a faster machine trains on more tokens (-1 = off)")
 # 2^19 = 524,288 tokens per step: 8 GPUs x 32 rows x 2048 tokens in one micro-step, with gradient accumulation
 # making up the difference on fewer devices, so the optimisation is the same on 1 GPU or 8, only slower
 parser.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, over all ranks and micro-steps")
@@ -105,6 +112,9 @@ elif args.target_param_data_ratio > 0:
     num_iterations = int(args.target_param_data_ratio * num_scaling_params) // tokens_per_step
 else:
     parser.error("set one of --num-iterations, --target-flops, --target-param-data-ratio to a positive value")
+max_iterations = num_iterations  # the cap a --time-budget horizon stays under
+if args.time_budget > 0 and args.warmup_ratio > 0:
+    parser.error("--time-budget needs --warmup-ratio 0: the warmup's length would depend on a horizon not known yet")
 if num_iterations < 1:
     parser.error(f"the horizon works out to {num_iterations} steps of {tokens_per_step:,} tokens; raise it or lower --total-batch-size")
 try:
@@ -116,6 +126,11 @@ eval_steps = args.eval_tokens // (args.device_batch_size * args.max_seq_len * co
 if eval_steps < 1:
     parser.error(f"--eval-tokens {args.eval_tokens} is less than one batch over all ranks "
                  f"({args.device_batch_size * args.max_seq_len * compute.world_size} tokens); raise it")
+if args.time_budget > 0:
+    print0(f"time budget: {args.time_budget:g} minutes of training steps; the horizon below is a cap until the step time is measured")
+    if args.deterministic:
+        print0("note: with --time-budget the number of steps follows this machine's speed, so a rerun may train on more or "
+               "fewer steps than this one; for the same bits on a rerun give --num-iterations (the horizon this run prints)")
 print0(f"steps: {num_iterations:,} | tokens per step: {tokens_per_step:,} | grad accumulation: {grad_accum_steps} | "
        f"total tokens: {num_iterations * tokens_per_step:,} | tokens per parameter: {num_iterations * tokens_per_step / num_scaling_params:.1f}")
 
@@ -129,6 +144,8 @@ checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
 start_step, loader_state, meta = resume_if_asked(parser, args, checkpoint_dir, model, optimizers, compute,
                                                  hint="; use the same --depth/--max-seq-len/--n-kv-head/--x0-mixing/--value-embeds")
 
+if args.time_budget > 0:  # the horizon as far as the interrupted run had set it from its step times
+    num_iterations = meta.get("num_iterations", num_iterations)
 orig_model = model  # saving and sampling use the module itself; steps and evals run what prepare_model makes of it
 model = prepare_model(model, compute, args.compile)
 train_loader = PretrainLoader(tokenizer, args.device_batch_size, args.max_seq_len, "train", device=compute.device, resume_state=loader_state)
@@ -162,7 +179,17 @@ def print_samples():
 logger = StepLogger(compute, num_iterations, flops_per_token, resumed_meta=meta, stage="base")
 val_bpb, min_val_bpb = meta.get("val_bpb"), meta.get("min_val_bpb", float("inf"))
 initial_val_bpb = meta.get("initial_val_bpb")  # a resumed run reports the first run's step-0 figure, not its own first eval
-for step in range(start_step, num_iterations + 1):
+step = start_step
+while True:
+    # --time-budget: until the warmdown starts, the horizon follows the measured step time (see steps_within_time_budget)
+    timer = logger.timer
+    if args.time_budget > 0 and timer.steady_steps >= 3 and not warmdown_started(step, num_iterations, args.warmdown_ratio):
+        estimate = steps_within_time_budget(step, logger.total_time, timer.steady_time / timer.steady_steps,
+                                            60 * args.time_budget, max_iterations)
+        num_iterations = logger.num_iterations = agree_across_ranks(estimate, compute.device)
+        if warmdown_started(step + 1, num_iterations, args.warmdown_ratio):
+            print0(f"time budget: the warmdown starts; the horizon is fixed at {num_iterations:,} steps "
+                   f"({num_iterations * tokens_per_step:,} tokens)")
     last_step = step == num_iterations
     if is_due(step, args.eval_every, last_step):
         val_bpb = evaluate_val_bpb()
@@ -174,7 +201,8 @@ for step in range(start_step, num_iterations + 1):
     if last_step or (step > start_step and is_due(step, args.save_every, last_step)):  # the step resumed from is saved already
         save_training_state(checkpoint_dir, step, orig_model, optimizers, train_loader, compute, {
             "user_config": user_config, "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len,
-            "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "initial_val_bpb": initial_val_bpb, **logger.state_dict()})
+            "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "initial_val_bpb": initial_val_bpb, "num_iterations": num_iterations,
+            **logger.state_dict()})
     if last_step:
         break
     lr_multiplier = get_lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
@@ -182,6 +210,7 @@ for step in range(start_step, num_iterations + 1):
         loss, tokens = train_step(model, optimizers, train_loader, grad_accum_steps, compute.autocast, lr_multiplier,
                                   get_muon_momentum(step))
     logger.log(step, loss, tokens, lr_multiplier)
+    step += 1
 
 # -----------------------------------------------------------------------------
 # wrap up
@@ -194,6 +223,7 @@ get_report().log(section="Base model training", data=[
         "Number of parameters": num_params,
         "FLOPs per token": f"{flops_per_token:e}",
         "Calculated number of iterations": num_iterations,
+        "Time budget (minutes)": args.time_budget if args.time_budget > 0 else "none",
         "Number of training tokens": num_iterations * tokens_per_step,
         "Tokens : params ratio": num_iterations * tokens_per_step / num_scaling_params,
         "DDP world size": compute.world_size,

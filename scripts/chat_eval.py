@@ -27,6 +27,7 @@ from tasks.arithmetic import Arithmetic
 from tasks.common import use_stand_ins
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
+from tasks.factqa import FactQA
 from tasks.mmlu import MMLU
 from tasks.spellingbee import SpellingBee
 from tasks.wordnet_mc import WordNetMC
@@ -45,10 +46,12 @@ STAND_IN_TASKS = {
     "WordNet-MC": partial(WordNetMC, split="test"),  # 4-way lettered multiple choice, like MMLU and ARC
     "Arithmetic": partial(Arithmetic, split="test", size=500),  # GSM8K's format and calculator tool
     "SpellingBee": partial(SpellingBee, size=256, split="test"),
+    # facts the model only read in pretraining (FactQA's held-out facts), asked in phrasings it was not trained on
+    "FactQA": partial(FactQA, split="test"),
 }
 # accuracy of random guessing, which ChatCORE centers away
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0, "SpellingBee": 0.0,
-             "WordNet-MC": 0.25, "Arithmetic": 0.0}
+             "WordNet-MC": 0.25, "Arithmetic": 0.0, "FactQA": 0.0}
 
 
 def chatcore(accuracies):
@@ -86,7 +89,7 @@ def main():
     parser.add_argument("--device-type", type=str, default=None, help="cuda|mps|cpu (default: autodetect)")
     parser.add_argument("--task-file", type=str, action="append", default=[], help="NAME=PATH: read a task from a local parquet/jsonl in the hub schema instead of the hub (repeatable)")
     parser.add_argument("--dtype", type=str, default="auto", choices=COMPUTE_DTYPES,
-                        help="matmul dtype; auto = bf16 on CUDA and on CPUs with AMX, else fp32 (as in training)")
+                        help="matmul dtype; auto = bf16 on CUDA and on CPUs with bf16 hardware (AMX, AVX512-BF16), else fp32 (as in training)")
     args = parser.parse_args()
 
     stand_ins = use_stand_ins()

@@ -35,6 +35,7 @@ from tasks.gsm8k import GSM8K
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
+from tasks.factqa import FactQA
 from tasks.wikiqa import WikipediaQA
 from tasks.wordnet_mc import WordNetMC
 
@@ -50,12 +51,14 @@ def sft_data(stand_ins, stand_in_size):
         description = "ARC-Easy + ARC-Challenge train, GSM8K train, SmolTalk 10K, identity, SimpleSpelling 300, SpellingBee 300"
         return train, SmolTalk("test"), accuracy_tasks, description
     n = stand_in_size
+    factqa = FactQA("train", phrasings=1, stop=2 * n)  # one more pass over the facts, one phrasing each
     train = TaskMixture([WordNetMC("train", stop=n), Arithmetic("train", size=n),
-                         ChatterbotConversations("train"), WikipediaQA("train", stop=n), *[identity] * 4,
+                         ChatterbotConversations("train"), WikipediaQA("train", stop=n), factqa, *[identity] * 4,
                          SimpleSpelling(size=n // 10, split="train"), SpellingBee(size=n // 10, split="train")])
-    held_out = TaskMixture([ChatterbotConversations("test"), WikipediaQA("test", stop=100), Arithmetic("test", size=100)])
-    description = (f"STAND-INS (offline): WordNet MC {n}, arithmetic {n}, ChatterBot, Wikipedia QA {n}, identity x4, "
-                   f"SimpleSpelling {n // 10}, SpellingBee {n // 10}")
+    held_out = TaskMixture([ChatterbotConversations("test"), WikipediaQA("test", stop=100), Arithmetic("test", size=100),
+                            FactQA("test", stop=100)])
+    description = (f"STAND-INS (offline): WordNet MC {n}, arithmetic {n}, ChatterBot, Wikipedia QA {n}, FactQA {len(factqa)}, "
+                   f"identity x4, SimpleSpelling {n // 10}, SpellingBee {n // 10}")
     return train, held_out, {"WordNet-MC (stand-in)": WordNetMC("test")}, description
 
 

@@ -420,7 +420,7 @@ def main():
     parser.add_argument("--dtype", type=str, default="auto", choices=COMPUTE_DTYPES,
                         help="inference weights. With the CPU decoder (a CPU, decode_kernels built): the dtype of its weight "
                              "copy, auto = whichever decodes faster here (measured at start). Otherwise: auto = bf16 on CUDA "
-                             "and on CPUs with AMX, else float32")
+                             "and on CPUs with bf16 hardware (AMX, AVX512-BF16), else float32")
     parser.add_argument("--decoder", type=str, default="auto", choices=["auto", "torch"],
                         help="auto = the CPU decoder where it runs (batch-invariant Rust kernels), else GPT.forward; "
                              "torch = always GPT.forward (on an AMX CPU with --dtype auto: torch's bf16 matmuls)")

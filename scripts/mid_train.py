@@ -32,6 +32,7 @@ from tasks.gsm8k import GSM8K
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
+from tasks.factqa import FactQA
 from tasks.wikiqa import WikipediaQA
 from tasks.wordnet_mc import WordNetMC
 
@@ -49,13 +50,15 @@ def mid_mixture(stand_ins, stand_in_size):
         return train, val, "SmolTalk, MMLU auxiliary_train, GSM8K train, identity x2, SimpleSpelling 200K, SpellingBee 80K"
     # offline: real text wherever there is some (Wikipedia, WordNet, ChatterBot), synthetic maths and spelling
     n = stand_in_size
+    # FactQA three times: a small model needs to be asked about a fact several times before it answers from what it read
+    factqa = FactQA("train", phrasings=3)
     train = TaskMixture([ChatterbotConversations("train"), WikipediaQA("train", stop=n), WordNetMC("train", stop=n),
-                         Arithmetic("train", size=n), *[identity] * 8,
+                         Arithmetic("train", size=n), factqa, factqa, factqa, *[identity] * 8,
                          SimpleSpelling(size=n // 4, split="train"), SpellingBee(size=n // 4, split="train")])
     val = TaskMixture([ChatterbotConversations("test"), WikipediaQA("test", stop=200), WordNetMC("test", stop=200),
-                       Arithmetic("test", size=200)])
-    return train, val, (f"STAND-INS (offline): ChatterBot, Wikipedia QA {n}, WordNet MC {n}, arithmetic {n}, identity x8, "
-                        f"SimpleSpelling {n // 4}, SpellingBee {n // 4}")
+                       Arithmetic("test", size=200), FactQA("test", stop=200)])
+    return train, val, (f"STAND-INS (offline): ChatterBot, Wikipedia QA {n}, WordNet MC {n}, arithmetic {n}, "
+                        f"FactQA {len(factqa)} x3, identity x8, SimpleSpelling {n // 4}, SpellingBee {n // 4}")
 
 
 def estimate_tokens(dataset, tokenizer, max_tokens, samples=2000):

@@ -15,7 +15,7 @@ import torch
 from nanochat.checkpoint_manager import find_last_step, find_largest_model, load_checkpoint, load_model, save_checkpoint
 from nanochat.gpt import GPT, model_config_from_depth
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.training import get_grad_accum_steps, get_lr_multiplier, is_due
+from nanochat.training import get_grad_accum_steps, get_lr_multiplier, is_due, steps_within_time_budget, warmdown_started
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSS_LINE = re.compile(r"^step (\d+)/\d+ .*\| loss ([0-9.]+) ", re.M)
@@ -233,6 +233,36 @@ def test_grad_accum_and_schedule_helpers():
     assert lrm[90] == pytest.approx(0.5) and lrm[100] == 0.0
     assert is_due(10, 5, False) and not is_due(11, 5, False) and not is_due(10, -1, False) and is_due(7, -1, True)
 
+
+
+def test_time_budget_horizon_helpers():
+    # 100 s spent of 160, 2 s a step: 30 more steps fit
+    assert steps_within_time_budget(50, 100.0, 2.0, 160.0, 10_000) == 80
+    assert steps_within_time_budget(50, 100.0, 2.0, 160.0, 60) == 60  # never past the flags' horizon
+    assert steps_within_time_budget(50, 200.0, 2.0, 160.0, 10_000) == 51  # over budget: one more step, then the end
+    assert steps_within_time_budget(0, 0.0, 0.0, 160.0, 500) == 500  # no step time yet: the cap
+    # the lr is flat through step 80 of 100 (warmdown 0.2), so the horizon may move until then and not after
+    assert not warmdown_started(80, 100, 0.2) and warmdown_started(81, 100, 0.2)
+
+
+@pytest.mark.slow
+def test_time_budget_sets_the_horizon_from_the_step_time(trained_base_dir):
+    budget_minutes = 0.2
+    log = run_script(trained_base_dir, TRAIN_FLAGS + ["--time-budget", str(budget_minutes), "--eval-every", "-1",
+                                                     "--model-tag", "budget"])
+    # the cap is the Chinchilla horizon (thousands of steps here); the budget stops the run long before it
+    cap = int(re.search(r"^steps: ([0-9,]+) ", log, re.M).group(1).replace(",", ""))
+    fixed = int(re.search(r"horizon is fixed at ([0-9,]+) steps", log).group(1).replace(",", ""))
+    losses = losses_of(log)
+    assert max(losses) == fixed and sorted(losses) == list(range(1, fixed + 1)) and 10 < fixed < cap // 4, (fixed, cap)
+    # the steps fill the budget: the time they took is the budget give or take the noise of this machine
+    seconds = sum(float(ms) / 1000 for ms in re.findall(r"\| dt (\d+)ms \|", log))
+    assert 0.6 * 60 * budget_minutes < seconds < 1.5 * 60 * budget_minutes, seconds
+    # the lr still decays to 0 over the last 20% of the steps it chose: the horizon was fixed before the warmdown
+    lrm = {int(step): float(value) for step, value in re.findall(r"^step (\d+)/\d+ .*\| lrm ([0-9.]+) ", log, re.M)}
+    assert lrm[round(0.7 * fixed)] == 1.0 and lrm[fixed] < 0.2, lrm
+    _, _, meta = load_checkpoint(os.path.join(trained_base_dir, "base_checkpoints", "budget"), fixed, "cpu")
+    assert meta["num_iterations"] == fixed
 
 
 
