@@ -143,19 +143,20 @@ case "$PROFILE" in
         stage base-loss "${LAUNCH[@]}" -m scripts.base_loss -- --device-batch-size "$DEVICE_BATCH_SIZE"
         stage base-eval "${LAUNCH[@]}" -m scripts.base_eval ;;
     cpu)
-        # depth 4 (width 256), steps of 8192 tokens for 13 minutes of training: ~1.9M tokens on 2 cores in fp32,
-        # ~4M with bf16 hardware (AVX512-BF16 or AMX), more on a faster CPU; the other stages take ~10-15 minutes, so
+        # depth 4 (width 256), steps of 8192 tokens for 12 minutes of training: ~1.8M tokens on 2 cores in fp32,
+        # ~3.2M with bf16 hardware (AVX512-BF16 or AMX), more on a faster CPU; the other stages take ~11-15 minutes, so
         # the whole profile stays within 30 minutes on 2 cores (dev/BENCHMARKS.md, "CPU recipe")
         stage base-train --resumable python -m scripts.base_train --depth 4 --max-seq-len 512 --device-batch-size 8 \
-            --total-batch-size 8192 --time-budget 13 --eval-every 100 --eval-tokens 65536 --sample-every -1 \
+            --total-batch-size 8192 --time-budget 12 --eval-every 100 --eval-tokens 65536 --sample-every -1 \
             --save-every 100 --run "$WANDB_RUN" "${DETERMINISTIC_FLAG[@]}"
         stage base-loss python -m scripts.base_loss --device-batch-size 8 --split-tokens 131072
         # CORE needs the eval bundle from the internet: on an offline CPU box base_eval says so and is skipped
         stage base-eval --optional python -m scripts.base_eval --max-per-task 50 ;;
     smoke)
+        # --compile 0: at 20 steps compiling (on CPUs with bf16 hardware) would take longer than the steps themselves
         stage base-train --resumable python -m scripts.base_train --depth 2 --max-seq-len 128 --device-batch-size 4 \
             --total-batch-size 1024 --num-iterations 20 --eval-every 20 --eval-tokens 4096 --sample-every -1 \
-            --save-every 10 --run "$WANDB_RUN" "${DETERMINISTIC_FLAG[@]}"
+            --save-every 10 --compile 0 --run "$WANDB_RUN" "${DETERMINISTIC_FLAG[@]}"
         stage base-loss python -m scripts.base_loss --device-batch-size 4 --split-tokens 4096 --max-new-tokens 8
         stage base-eval --optional python -m scripts.base_eval --max-per-task 4 ;;
 esac
@@ -180,7 +181,7 @@ case "$PROFILE" in
     smoke)
         stage mid-train --resumable python -m scripts.mid_train --max-seq-len 128 --device-batch-size 4 \
             --total-batch-size 1024 --num-iterations 10 --eval-every 10 --eval-tokens 2048 --stand-in-size 60 \
-            --save-every 5 --run "$WANDB_RUN" "${DETERMINISTIC_FLAG[@]}"
+            --save-every 5 --compile 0 --run "$WANDB_RUN" "${DETERMINISTIC_FLAG[@]}"
         stage mid-eval python -m scripts.chat_eval -i mid --max-problems 4 --max-new-tokens 16
         stage sft --resumable python -m scripts.chat_sft --max-seq-len 128 --device-batch-size 4 --examples-per-step 8 \
             --num-iterations 10 --eval-every 10 --eval-steps 2 --eval-max-problems 4 --stand-in-size 40 \

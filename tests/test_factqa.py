@@ -109,5 +109,5 @@ def test_eval_facts_script_scores_every_question(tiny_tokenizer, tmp_path):
     assert int(total.group(2)) == len(eval_facts.QUESTIONS)
     assert sum(int(count) for _, count, _ in groups) == int(total.group(1))
     assert sum(int(size) for _, _, size in groups) == len(eval_facts.QUESTIONS)
-    samples = re.findall(r"^  (right|wrong): '(.+?)' -> ", result.stdout, re.M)
-    assert len(samples) == 3 and samples[0][1] == "What is the capital of France?"
+    samples = re.findall(r"^  (right|wrong): (['\"])(.+?)\2 -> ", result.stdout, re.M)  # repr quotes "What's ..." with "
+    assert len(samples) == 3 and samples[0][2] == "What is the capital of France?", result.stdout
