@@ -84,7 +84,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, compute_dtype=torch.float32, reduction="mean", chunk_rows=256):
-        # matmuls in compute_dtype (bf16 on AMX CPUs), softmax and both gradients accumulated in fp32;
+        # matmuls in compute_dtype (bf16 on CPUs with AMX or AVX512-BF16), softmax and both gradients accumulated in fp32;
         # explicit casts instead of autocast, which does not apply to the out=/in-place matmuls below
         with torch.autocast("cpu", enabled=False):
             return SoftcapCrossEntropy._forward(ctx, x, weight, targets, compute_dtype, reduction, chunk_rows)

@@ -235,7 +235,7 @@ def prepare_for_inference(model, dtype="auto", decoder="auto"):
     per request a step is a few tiny matrix-vector products: measured on a 2-core Sapphire Rapids, torch bf16 decoded
     190 tok/s at batch 1 against 368 for the float32 kernels, and a lone chat client got 47 tok/s against 225.
     Elsewhere (a GPU, no CPU decoder, decoder="torch"), GPT.forward decodes in the training rule's dtype
-    (common.get_compute_dtype: bf16 on CUDA and on AMX CPUs, fp32 otherwise), and bf16 weights halve the bytes per
+    (common.get_compute_dtype: bf16 on CUDA and on CPUs with AMX or AVX512-BF16, fp32 otherwise), and bf16 weights halve the bytes per
     token (autocast would instead re-cast the fp32 weights at every step).
     """
     device, weights = model.get_device(), next(model.parameters())
@@ -251,7 +251,7 @@ def prepare_for_inference(model, dtype="auto", decoder="auto"):
     if compute_dtype == torch.bfloat16:
         model = model.to(torch.bfloat16)
     reason = ("--decoder torch" if decoder == "torch" else "no CPU decoder here" if device.type == "cpu" else f"a {device.type} device")
-    why = f"{reason}; --dtype {dtype}" + (" (the training rule: bf16 on CUDA and AMX CPUs)" if dtype == "auto" else "")
+    why = f"{reason}; --dtype {dtype}" + (" (the training rule: bf16 on CUDA and bf16-capable CPUs)" if dtype == "auto" else "")
     return model.eval(), {"decoder": "torch", "why": why}
 
 

@@ -36,7 +36,7 @@ import tempfile
 import torch
 
 from nanochat.gpt import LOGIT_SOFTCAP, has_value_embed
-from nanochat.report import slugify
+from nanochat.report import read_section
 from nanochat.tokenizer import SPECIAL_TOKENS
 
 # gpt.py's _precompute_rotary_embeddings base: pair i turns at base^(-2i/D) radians per position
@@ -218,15 +218,6 @@ def save_tokenizer(tokenizer, out_dir, max_length):
 # the model card, from the run's report
 
 
-def report_section(report_dir, section):
-    """{key: value text} of one report section's "- key: value" lines ({} when the stage did not report)."""
-    path = os.path.join(report_dir, f"{slugify(section)}.md")
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return dict(match.groups() for line in f if (match := re.match(r"- ([^:]+): (.+)", line.strip())))
-
-
 def as_number(text):
     try:
         return int(text.replace(",", ""))
@@ -239,7 +230,7 @@ def training_rows(report_dir, source):
     stages = [("base", "Base model training"), ("mid", "Midtraining"), ("sft", "Chat SFT"), ("rl", "Chat RL")]
     rows = []
     for stage, section in stages[: [s for s, _ in stages].index(source) + 1]:
-        values = report_section(report_dir, section)
+        values = read_section(report_dir, section)
         if not values:
             continue
         steps = as_number(values.get("Calculated number of iterations") or values.get("Number of iterations"))

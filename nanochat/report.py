@@ -94,6 +94,15 @@ def slugify(text):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def read_section(report_dir, section):
+    """{key: value text} of a section's "- key: value" lines, as Report.log wrote them ({} when the stage did not report)."""
+    path = os.path.join(report_dir, f"{slugify(section)}.md")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return dict(match.groups() for line in f if (match := re.match(r"- ([^:]+): (.+)", line.strip())))
+
+
 def _format_value(value):
     # 4 decimals for metrics (a bpb or an accuracy moves in the third digit); thousands separators for counts.
     # bool is an int subclass: True stays "True", not "1".
@@ -402,25 +411,17 @@ class Report:
         values = {}
         for stage, sections in SUMMARY_STAGES.items():
             for section in sections:
-                path = self._section_path(section)
-                if not os.path.exists(path):
-                    continue
                 # the sections are the source of truth: their "- key: value" lines (Report.log's format) are
                 # read back rather than having each stage also report its figures somewhere else
-                with open(path, encoding="utf-8") as f:
-                    for line in f:
-                        match = re.match(r"- ([^:]+): (.+)", line.strip())
-                        if not match:
-                            continue
-                        key, value = match.groups()
-                        # the value is kept as the section's text, already formatted by Report.log
-                        if key in SUMMARY_METRICS:
-                            values[(key, stage)] = (value, False)
-                            continue
-                        # a stand-in fills a cell only when the stage has no real score for that metric
-                        metric = STAND_IN_KEYS.get(key) or key.removesuffix(" (stand-in)")
-                        if metric in SUMMARY_METRICS and metric != key and (metric, stage) not in values:
-                            values[(metric, stage)] = (value, True)  # a real score of the same stage wins
+                for key, value in read_section(self.report_dir, section).items():
+                    # the value is kept as the section's text, already formatted by Report.log
+                    if key in SUMMARY_METRICS:
+                        values[(key, stage)] = (value, False)
+                        continue
+                    # a stand-in fills a cell only when the stage has no real score for that metric
+                    metric = STAND_IN_KEYS.get(key) or key.removesuffix(" (stand-in)")
+                    if metric in SUMMARY_METRICS and metric != key and (metric, stage) not in values:
+                        values[(metric, stage)] = (value, True)  # a real score of the same stage wins
         return values
 
     def summary_table(self):

@@ -145,7 +145,7 @@ def init_compute(args, project="nanochat"):
     is_distributed, rank, _, world_size, device = compute_init(args.device_type or None)
     if determinism:
         print0(determinism)
-    # decided from the device alone (CUDA, or a CPU flag for AMX), so every rank picks the same dtype
+    # decided from the device alone (CUDA, or CPU flags: AMX, AVX512-BF16), so every rank picks the same dtype
     dtype = get_compute_dtype(device, args.dtype)
     print0(f"device: {device} x {world_size} | compute dtype: {str(dtype).removeprefix('torch.')} (fp32 master weights)")
     # every flag goes into the wandb run's config, so a run can be reproduced from its page

@@ -25,9 +25,9 @@ from nanochat.task_eval import all_reduce_counts, run_categorical_eval, run_gene
 from tasks.arc import ARC
 from tasks.arithmetic import Arithmetic
 from tasks.common import use_stand_ins
+from tasks.factqa import FactQA
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
-from tasks.factqa import FactQA
 from tasks.mmlu import MMLU
 from tasks.spellingbee import SpellingBee
 from tasks.wordnet_mc import WordNetMC

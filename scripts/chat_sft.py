@@ -31,11 +31,11 @@ from tasks.arithmetic import Arithmetic
 from tasks.chatterbot import ChatterbotConversations
 from tasks.common import TaskMixture, use_stand_ins
 from tasks.customjson import CustomJSON, identity_conversations_path
+from tasks.factqa import FactQA
 from tasks.gsm8k import GSM8K
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
-from tasks.factqa import FactQA
 from tasks.wikiqa import WikipediaQA
 from tasks.wordnet_mc import WordNetMC
 

@@ -423,7 +423,7 @@ def main():
                              "and on CPUs with bf16 hardware (AMX, AVX512-BF16), else float32")
     parser.add_argument("--decoder", type=str, default="auto", choices=["auto", "torch"],
                         help="auto = the CPU decoder where it runs (batch-invariant Rust kernels), else GPT.forward; "
-                             "torch = always GPT.forward (on an AMX CPU with --dtype auto: torch's bf16 matmuls)")
+                             "torch = always GPT.forward (on a CPU with AMX or AVX512-BF16 and --dtype auto: torch's bf16 matmuls)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--request-timeout", type=float, default=10.0,
                         help="seconds a client has to send a whole request (headers and body) before it is "

@@ -28,11 +28,11 @@ from tasks.arithmetic import Arithmetic
 from tasks.chatterbot import ChatterbotConversations
 from tasks.common import TaskMixture, use_stand_ins
 from tasks.customjson import CustomJSON, identity_conversations_path
+from tasks.factqa import FactQA
 from tasks.gsm8k import GSM8K
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
-from tasks.factqa import FactQA
 from tasks.wikiqa import WikipediaQA
 from tasks.wordnet_mc import WordNetMC
 
@@ -53,7 +53,7 @@ def mid_mixture(stand_ins, stand_in_size):
     # FactQA three times: a small model needs to be asked about a fact several times before it answers from what it read
     factqa = FactQA("train", phrasings=3)
     train = TaskMixture([ChatterbotConversations("train"), WikipediaQA("train", stop=n), WordNetMC("train", stop=n),
-                         Arithmetic("train", size=n), factqa, factqa, factqa, *[identity] * 8,
+                         Arithmetic("train", size=n), *[factqa] * 3, *[identity] * 8,
                          SimpleSpelling(size=n // 4, split="train"), SpellingBee(size=n // 4, split="train")])
     val = TaskMixture([ChatterbotConversations("test"), WikipediaQA("test", stop=200), WordNetMC("test", stop=200),
                        Arithmetic("test", size=200), FactQA("test", stop=200)])

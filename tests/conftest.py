@@ -62,3 +62,22 @@ def base_dir(tmp_path, monkeypatch):
     """A fresh NANOCHAT_BASE_DIR for one test."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     return tmp_path
+
+
+def write_tiny_checkpoints(tokenizer, base_dir, sources):
+    """The tokenizer and one depth-1 model (step 5, tag d1) in base_dir, under each of `sources` (checkpoint folders)."""
+    import dataclasses
+
+    import torch
+
+    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat.gpt import GPT, model_config_from_depth
+
+    tokenizer.save(os.path.join(base_dir, "tokenizer"))
+    torch.manual_seed(0)
+    config = model_config_from_depth(1, tokenizer.get_vocab_size(), 256)
+    model = GPT(config)
+    model.init_weights()
+    for source_dir in sources:
+        save_checkpoint(os.path.join(base_dir, source_dir, "d1"), 5, model.state_dict(), None,
+                        {"step": 5, "model_config": dataclasses.asdict(config)})

@@ -3,7 +3,6 @@ chat_eval: categorical scoring with a scripted model, pass@k through the real En
 the distributed split of problems, and the base_eval / chat_eval scripts end to end on a tiny
 checkpoint.
 """
-import dataclasses
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from scripts.chat_eval import BASELINES, STAND_IN_TASKS, TASKS, chatcore
 from tasks.arc import ARC
 from tasks.common import Task
 from tasks.mmlu import MMLU
+from tests.conftest import write_tiny_checkpoints
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO_ROOT, "tests", "fixtures")
@@ -123,20 +123,6 @@ def test_chatcore_centers_by_random_baseline():
     # the offline stand-ins have baselines too: WordNet-MC is 4-way, the others generative
     assert set(STAND_IN_TASKS) <= set(BASELINES)
     assert chatcore({"WordNet-MC": 0.25, "Arithmetic": 0.5, "SpellingBee": 1.0}) == pytest.approx(0.5)
-
-
-def write_tiny_checkpoints(tokenizer, base_dir, sources):
-    from nanochat.checkpoint_manager import save_checkpoint
-    from nanochat.gpt import GPT, model_config_from_depth
-
-    tokenizer.save(os.path.join(base_dir, "tokenizer"))
-    torch.manual_seed(0)
-    config = model_config_from_depth(1, tokenizer.get_vocab_size(), 256)
-    model = GPT(config)
-    model.init_weights()
-    for source_dir in sources:
-        save_checkpoint(os.path.join(base_dir, source_dir, "d1"), 5, model.state_dict(), None,
-                        {"step": 5, "model_config": dataclasses.asdict(config)})
 
 
 def run_script(args, base_dir, nproc=1):

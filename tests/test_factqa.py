@@ -12,9 +12,7 @@ import pytest
 from dev import eval_facts
 from tasks.factqa import (TEST_TEMPLATES, TRAIN_TEMPLATES, FactQA, answered_by, corpus_facts, extract_facts, fact_split,
                           fill, question_kinds)
-from tests.test_chat_eval import write_tiny_checkpoints
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO_ROOT, write_tiny_checkpoints
 
 # hand-checked against the summaries: each is what the corpus' train file states
 KNOWN_FACTS = [("capital", "Paris", "France"), ("capital", "Ottawa", "Canada"), ("capital", "Munich", "Bavaria"),
